@@ -1,0 +1,132 @@
+"""The any2any jsonl dataset: the official LCO-Embedding training format, validated up front.
+
+One JSON object per line, each side an item that may hold text, an image, or both
+(an empty string means "absent"):
+
+    {"anchor":   {"image_path": "", "text": "a red circle on the left"},
+     "positive": {"image_path": "", "text": "on the left there is a red circle"},
+     "negative": {"image_path": "", "text": "a blue circle on the left"}}
+
+lco_mini reads exactly this, plus "audio_path" and "video_path" on any side. The
+"negative" side is optional (no hard negative: only in-batch negatives). Relative
+paths are resolved against the folder that holds the jsonl file.
+
+Why validate everything before training starts: a typo on line 90,000 should not
+crash a run after an hour, and "KeyError: 'text'" says nothing about where the
+problem is. Every problem is reported with its line number and the offending path;
+`skip_bad=True` skips such lines instead and counts them.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lco_mini import media
+
+SIDES = ("anchor", "positive", "negative")
+REQUIRED_SIDES = ("anchor", "positive")
+FIELDS = {"text": None, "image_path": "image", "audio_path": "audio", "video_path": "video"}
+
+
+class DataError(ValueError):
+    """A problem with one line of a dataset file, with the file and line in the message."""
+
+
+@dataclass
+class Pair:
+    """One training example: item dicts as backbone.build_inputs expects them."""
+
+    anchor: dict
+    positive: dict
+    negative: dict | None
+    line: int
+
+
+def parse_side(side: object, where: str, base_dir: Path) -> dict:
+    """Turn one side of a record into an item dict {"text": str, "image": Path, ...}."""
+    if not isinstance(side, dict):
+        raise DataError(f"{where}: expected an object with text/image_path/audio_path/video_path")
+    unknown = set(side) - set(FIELDS)
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(FIELDS)}")
+    item = {}
+    for field, key in FIELDS.items():
+        value = side.get(field, "")
+        if not isinstance(value, str):
+            raise DataError(f"{where}.{field}: expected a string, got {type(value).__name__}")
+        if not value.strip():
+            continue
+        if key is None:
+            item["text"] = value
+        else:
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            item[key] = path
+    if not item:
+        raise DataError(f"{where}: empty (no text and no file)")
+    return item
+
+
+def check_files(item: dict, where: str) -> None:
+    """Decode every file an item names, so a broken file fails now and not mid-training."""
+    loaders = {"image": media.load_image, "audio": media.load_audio, "video": media.load_video}
+    for key, load in loaders.items():
+        if key in item:
+            try:
+                load(item[key])
+            except media.MediaError as err:
+                raise DataError(f"{where}: {err}") from None
+
+
+def parse_line(text: str, line: int, base_dir: Path, decode: bool) -> Pair:
+    where = f"line {line}"
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with anchor/positive[/negative]")
+    for side in REQUIRED_SIDES:
+        if side not in record:
+            raise DataError(f"{where}: missing field '{side}'")
+    items = {}
+    for side in SIDES:
+        if side in record:
+            items[side] = parse_side(record[side], f"{where}: {side}", base_dir)
+            if decode:
+                check_files(items[side], f"{where}: {side}")
+    return Pair(items["anchor"], items["positive"], items.get("negative"), line)
+
+
+def read_jsonl(path: str | Path, skip_bad: bool = False, decode: bool = True,
+               progress: bool = True) -> tuple[list[Pair], int]:
+    """Read and validate a dataset file. Returns (pairs, number of skipped bad lines).
+
+    decode=True opens every referenced file (the slow, safe default); a bad line
+    raises DataError naming file and line unless skip_bad, which counts it instead.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such dataset file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    pairs, bad = [], 0
+    from tqdm import tqdm
+
+    for number, text in enumerate(tqdm(lines, desc=f"checking {path.name}", unit="line",
+                                       disable=not progress or len(lines) < 200), start=1):
+        if not text.strip():
+            continue
+        try:
+            pairs.append(parse_line(text, number, path.parent, decode))
+        except DataError as err:
+            if not skip_bad:
+                raise DataError(f"{path}: {err}") from None
+            bad += 1
+    if not pairs:
+        raise DataError(f"{path}: no usable examples" + (f" ({bad} bad lines skipped)" if bad else ""))
+    return pairs, bad
+
+
+def is_text_only(pair: Pair) -> bool:
+    sides = [pair.anchor, pair.positive] + ([pair.negative] if pair.negative else [])
+    return all(set(side) == {"text"} for side in sides)

@@ -1,0 +1,70 @@
+"""Multi-process training (torchrun / DDP) and the cross-device negatives of the paper.
+
+Contrastive learning gets better with more negatives, and the negatives of one
+process are the embeddings every other process computed. So before the loss each
+process gathers all embeddings of the global batch. torch.distributed.all_gather
+returns tensors without gradient; we put the local slice (which has one) back in
+its place, so each process's loss back-propagates into its own forward pass.
+Every process then computes the same global loss; DDP averages gradients over
+processes, so the loss is scaled by the world size to undo that average.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device: str | None) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). Starts the process group when run under torchrun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local), rank, world_size
+        return torch.device("cpu"), rank, world_size
+    chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(chosen), 0, 1
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from every process along dim 0; only the local slice keeps its gradient."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def average_gradients(params) -> None:
+    """Average .grad over processes (what DDP does; done by hand so GradCache's
+    several backward passes per step need no no_sync() bookkeeping)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()

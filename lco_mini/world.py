@@ -1,0 +1,521 @@
+"""The synthetic omnimodal world the tiny model learns from.
+
+A real MLLM learns cross-modal alignment from billions of captioned images,
+sounds and videos. lco_mini's tiny model learns it from this world instead:
+a small, compositional universe of
+
+  image     one or two coloured shapes on a dark background, 64 x 64 RGB
+  video     4 frames (64 x 64) of one shape moving, growing, shrinking or changing colour
+  audio     1.0 s, 16 kHz mono sound events: pitch x timbre x rhythm x contour
+  document  a rendered word, 128 x 32 RGB, black on white, in the Latin script or in an
+            invented "alien" script (one procedurally drawn glyph per letter), reserved
+            for the continual-pretraining experiment
+
+Every item is a *combination* of attribute values (e.g. colour=red, shape=circle,
+size=small, position=left) with several paraphrased captions (templates x synonyms:
+what text-only contrastive learning must learn to ignore) and a hard negative (the
+same template with ONE attribute changed: what it must learn to notice).
+
+A fixed held-out split holds back attribute COMBINATIONS (colour x shape pairs for
+images and videos, pitch x timbre pairs for audio, every fifth word for documents);
+every value still occurs in training, just never in that combination, so held-out
+retrieval measures compositional generalisation, not memorisation. Training
+negatives are drawn from the training split too, so no held-out caption ever
+reaches training text. (corpus(), used only to fit the tokenizer, lists them all.)
+
+Everything is deterministic: the same (modality, split, n, seed) gives bit-identical
+items. Look at it:  python -m lco_mini.world --dump out/world --n 8
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import string
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# ----------------------------------------------------------------------------- the world at a glance
+COLOUR_RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245),
+              "yellow": (240, 220, 40), "purple": (165, 60, 225), "orange": (250, 140, 20)}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZE_PX = {"small": 7, "large": 13}                       # half-width of a one-shape scene's shape
+POSITION_XY = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
+MOTIONS = ("rightward", "leftward", "up", "down", "grow", "shrink", "recolour")
+PITCH_HZ = {"low": 200.0, "mid": 600.0, "high": 1800.0}   # a factor 3 apart: far apart on a mel axis
+TIMBRES = ("whistle", "buzz", "hiss")                     # sine, band-limited square, narrow-band noise
+CONTOURS = {"rising": 1, "falling": -1, "flat": 0}        # sweep f0/1.4 -> f0*1.4 (or reverse)
+RHYTHMS = {"steady": [(0.05, 0.95)],                      # (start, end) seconds where the sound is on
+           "pulsing": [(0.05 + 0.115 * i, 0.11 + 0.115 * i) for i in range(8)],
+           "twice": [(0.05, 0.40), (0.60, 0.95)],
+           "thrice": [(0.05, 0.28), (0.38, 0.61), (0.71, 0.94)]}
+
+# Every attribute value -> (canonical phrase, synonym). Values are unique across modalities.
+PHRASES = {
+    "red": ("red", "crimson"), "green": ("green", "emerald"), "blue": ("blue", "azure"),
+    "yellow": ("yellow", "golden"), "purple": ("purple", "violet"), "orange": ("orange", "amber"),
+    "circle": ("circle", "disc"), "square": ("square", "box"), "triangle": ("triangle", "wedge"),
+    "cross": ("cross", "plus sign"), "small": ("small", "tiny"), "large": ("large", "big"),
+    "left": ("on the left", "at the left side"), "right": ("on the right", "at the right side"),
+    "top": ("at the top", "near the top edge"), "bottom": ("at the bottom", "near the bottom edge"),
+    "center": ("in the center", "in the middle"),
+    "rightward": ("moving from left to right", "sliding to the right"),
+    "leftward": ("moving from right to left", "sliding to the left"),
+    "up": ("moving up", "going upward"), "down": ("moving down", "going downward"),
+    "grow": ("growing larger", "getting bigger"), "shrink": ("shrinking", "getting smaller"),
+    "recolour": ("changing from {colour} to {colour2}", "turning from {colour} to {colour2}"),
+    "low": ("low", "deep"), "mid": ("medium", "moderate"), "high": ("high", "shrill"),
+    "whistle": ("whistle", "pure tone"), "buzz": ("buzz", "drone"), "hiss": ("hiss", "rustle"),
+    "rising": ("rising", "ascending"), "falling": ("falling", "descending"), "flat": ("flat", "level"),
+    "steady": ("steady", "unbroken"), "pulsing": ("pulsing", "throbbing"),
+    "twice": ("beeping twice", "in two beeps"), "thrice": ("beeping three times", "in three beeps"),
+}
+# Paraphrase k uses TEMPLATES[...][k] with synonym k % 2; k = 0 (canonical words) is captions[0].
+TEMPLATES = {
+    "image": ["a {size} {colour} {shape} {position}", "{position} there is a {size} {colour} {shape}",
+              "an image of a {size} {colour} {shape} {position}", "a {colour} {shape}, {size}, {position}"],
+    "image2": ["a {colour} {shape} {left} and a {colour2} {shape2} {right}",
+               "a {colour2} {shape2} {right} and a {colour} {shape} {left}",
+               "an image of a {colour} {shape} to the left of a {colour2} {shape2}",
+               "two shapes: a {colour} {shape} {left}, a {colour2} {shape2} {right}"],
+    "video": ["a {thing} {motion}", "a clip of a {thing} {motion}",
+              "in this video a {thing} is {motion}", "a short video: a {thing} {motion}"],
+    "audio": ["a {pitch} {timbre}, {contour}, {rhythm}", "the sound of a {pitch} {timbre}, {contour} and {rhythm}",
+              "{rhythm}: a {contour} {pitch} {timbre}", "audio of a {contour} {pitch} {timbre}, {rhythm}"],
+    "document": ["the word {word}", "a document that reads {word}", "text saying {word}",
+                 "a printed label: {word}"],
+}
+N_PARAPHRASES = 4
+WORDS = """
+    act add age air all and ant arm art ask bag bed bee big bird blue boat book box boy bus cake
+    call car cat city cold cook cow cup dark day desk dog door duck ear east egg eye farm fast
+    fish five fly food fox frog game gift girl glad goat gold hand hat help hill home horse hot
+    ice ink jam jar jet job joy jump key kid king kite lake lamp leaf leg lion lip map milk moon
+    mouse name neck nest net new nine nose note oak oil old owl pan pen pig pink plan quick quiet
+    quiz rain red ring road rock room rope run sand sea seed ship shoe sing six sky snow sock song
+    star step sun swim table tall tea ten tent toy tree two van vase vest wall warm wave web west
+    wind wing wolf word yak yard yarn year yes young zebra zero zip zone zoo
+""".split()
+HELDOUT_COLOUR_SHAPE = {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")}
+HELDOUT_PITCH_TIMBRE = {("low", "buzz"), ("high", "whistle")}
+HELDOUT_WORDS = set(WORDS[2::5])                          # ~20% of words; every letter stays in training
+
+MODALITIES = ("text", "image", "video", "audio", "document")
+CAPTIONED = ("image", "video", "audio", "document")       # modalities with their own caption space
+SPLITS = ("train", "heldout")
+SCRIPTS = ("latin", "alien")
+IMAGE_SIZE, N_FRAMES, SAMPLE_RATE, DOC_SIZE = 64, 4, 16000, (128, 32)
+BACKGROUND = (24, 24, 24)
+ALIEN_SEED = 1234
+
+
+@dataclass
+class Item:
+    modality: str                 # "text" | "image" | "video" | "audio" | "document"
+    media: object                 # PIL.Image | list[PIL.Image] | float32 np.ndarray (16 kHz) | None
+    captions: list[str]           # >= 3 paraphrases; captions[0] is the canonical one
+    negative: str                 # hard negative: captions[0]'s template with one attribute changed
+    attributes: dict              # the combination (what the held-out split is defined on)
+    script: str = ""              # "latin" | "alien" for documents
+    negative_attributes: dict = field(default_factory=dict)
+    geometry: dict = field(default_factory=dict)   # where shapes were drawn (centres, radii): for tests/plots
+
+
+# ----------------------------------------------------------------------------- combinations and splits
+def _key(attributes):
+    return tuple(sorted(attributes.items()))
+
+
+def _all_combinations(modality):
+    objects = list(itertools.product(COLOUR_RGB, SHAPES))
+    if modality == "image":
+        one = [dict(kind="one", colour=c, shape=s, size=z, position=p)
+               for (c, s), z, p in itertools.product(objects, SIZE_PX, POSITION_XY)]
+        two = [dict(kind="two", colour=c, shape=s, colour2=c2, shape2=s2)
+               for (c, s), (c2, s2) in itertools.product(objects, objects) if (c, s) != (c2, s2)]
+        return one + two
+    if modality == "video":
+        moves = [dict(colour=c, shape=s, motion=m) for (c, s), m in itertools.product(objects, MOTIONS[:-1])]
+        recolours = [dict(colour=c, shape=s, motion="recolour", colour2=c2)
+                     for (c, s), c2 in itertools.product(objects, COLOUR_RGB) if c2 != c]
+        return moves + recolours
+    if modality == "audio":
+        return [dict(pitch=p, timbre=t, rhythm=r, contour=c)
+                for p, t, r, c in itertools.product(PITCH_HZ, TIMBRES, RHYTHMS, CONTOURS)]
+    if modality == "document":
+        return [dict(word=w) for w in WORDS]
+    raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+
+def is_heldout(modality, attributes):
+    """True if the combination belongs to the held-out split."""
+    a = attributes
+    if modality in ("image", "video"):   # a video's colour2 is the same shape in another colour
+        pairs = [(a["colour"], a["shape"])] + ([(a["colour2"], a.get("shape2", a["shape"]))] if "colour2" in a else [])
+        return any(pair in HELDOUT_COLOUR_SHAPE for pair in pairs)
+    if modality == "audio":
+        return (a["pitch"], a["timbre"]) in HELDOUT_PITCH_TIMBRE
+    return a["word"] in HELDOUT_WORDS
+
+
+@lru_cache(maxsize=None)
+def _split_keys(modality, split):
+    _check(modality, split)
+    return tuple(_key(a) for a in _all_combinations(modality) if is_heldout(modality, a) == (split == "heldout"))
+
+
+def combinations(modality, split):
+    """The attribute dicts of a split, in a fixed order ("text": all captioned modalities' combinations)."""
+    if modality == "text":
+        return [dict(k) for m in CAPTIONED for k in _split_keys(m, split)]
+    return [dict(k) for k in _split_keys(modality, split)]
+
+
+def n_combinations(modality, split):
+    """How many distinct combinations (hence distinct canonical captions) a split holds."""
+    return len(combinations(modality, split))
+
+
+def _check(modality, split="train", script="latin"):
+    for value, allowed, name in ((modality, MODALITIES, "modality"), (split, SPLITS, "split"), (script, SCRIPTS, "script")):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {allowed}")
+    if script != "latin" and modality != "document":
+        raise ValueError(f"script={script!r} applies to documents only, not {modality!r}")
+
+
+# ----------------------------------------------------------------------------- captions and hard negatives
+def caption(modality, attributes, k=0):
+    """Paraphrase k (0 = canonical) of a combination."""
+    syn = k % 2
+    words = {name: PHRASES[value][syn] if value in PHRASES else value for name, value in attributes.items()}
+    if modality == "image" and attributes["kind"] == "two":
+        text = TEMPLATES["image2"][k].format(left=PHRASES["left"][syn], right=PHRASES["right"][syn], **words)
+    elif modality == "video":
+        motion = words["motion"].format(**words)
+        thing = words["shape"] if attributes["motion"] == "recolour" else f"{words['colour']} {words['shape']}"
+        text = TEMPLATES["video"][k].format(thing=thing, motion=motion)
+    else:
+        text = TEMPLATES[modality][k].format(**words)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)   # "a orange square" -> "an orange square"
+
+
+def _edit_distance(a, b):
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@lru_cache(maxsize=None)
+def _negative_keys(modality, key, split):
+    """Combinations that differ from `key` in exactly one attribute (documents: the nearest other words).
+
+    Training negatives stay inside the training split so held-out captions never reach training;
+    held-out items may take negatives from anywhere."""
+    allowed = set(_split_keys(modality, "train")) | (set(_split_keys(modality, "heldout")) if split == "heldout" else set())
+    if modality == "document":
+        word = dict(key)["word"]
+        others = [w for w in WORDS if w != word and _key({"word": w}) in allowed]
+        best = min(_edit_distance(word, w) for w in others)
+        return tuple(_key({"word": w}) for w in others if _edit_distance(word, w) == best)
+    domains = {}
+    for k in allowed:
+        for name, value in k:
+            domains.setdefault(name, set()).add(value)
+    out = []
+    for name, value in key:
+        for other in sorted(domains[name] - {value}) if name != "kind" else []:
+            candidate = _key({**dict(key), name: other})
+            if candidate in allowed:
+                out.append(candidate)
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- rendering
+def _draw_shape(draw, shape, rgb, cx, cy, r):
+    if shape == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    elif shape == "square":
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+    elif shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+    else:  # cross: two bars, a third of the size thick
+        w = max(2, r // 3)
+        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=rgb)
+        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=rgb)
+
+
+def _canvas(shapes):
+    """shapes: [(shape, rgb, cx, cy, r)] -> 64 x 64 RGB image."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for shape, rgb, cx, cy, r in shapes:
+        _draw_shape(draw, shape, rgb, cx, cy, r)
+    return image
+
+
+def _inside(x, r):
+    return int(np.clip(x, r, IMAGE_SIZE - 1 - r))
+
+
+def _render_image(a, rng):
+    if a["kind"] == "one":
+        r = SIZE_PX[a["size"]] + int(rng.integers(-1, 2))
+        x, y = np.array(POSITION_XY[a["position"]]) + rng.integers(-3, 4, size=2)
+        objects = [(a["shape"], a["colour"], _inside(x, r), _inside(y, r), r)]
+    else:  # first object left, second right, never overlapping
+        rs = 9 + rng.integers(-1, 2, size=2)
+        dx, dy = rng.integers(-2, 3, size=2), rng.integers(-3, 4, size=2)
+        objects = [(a["shape"], a["colour"], 18 + dx[0], 32 + dy[0], rs[0]),
+                   (a["shape2"], a["colour2"], 46 + dx[1], 32 + dy[1], rs[1])]
+    objects = [(s, c, int(x), int(y), int(r)) for s, c, x, y, r in objects]
+    image = _canvas([(s, COLOUR_RGB[c], x, y, r) for s, c, x, y, r in objects])
+    return image, {"centers": [(x, y) for _, _, x, y, _ in objects], "radii": [r for *_, r in objects]}
+
+
+def _render_video(a, rng):
+    dx, dy = rng.integers(-3, 4, size=2)
+    frames, geometry = [], {"centers": [], "radii": [], "colours": []}
+    for t in np.linspace(0.0, 1.0, N_FRAMES):
+        x, y, r = 32, 32, 9
+        if a["motion"] in ("rightward", "leftward"):
+            x = 12 + 40 * (t if a["motion"] == "rightward" else 1 - t)
+        elif a["motion"] in ("up", "down"):
+            y = 12 + 40 * (t if a["motion"] == "down" else 1 - t)
+        elif a["motion"] in ("grow", "shrink"):
+            r = 5 + 12 * (t if a["motion"] == "grow" else 1 - t)
+        else:
+            r = 12
+        start, end = np.array(COLOUR_RGB[a["colour"]]), np.array(COLOUR_RGB[a.get("colour2", a["colour"])])
+        rgb = tuple(int(v) for v in np.rint((1 - t) * start + t * end))
+        r = int(round(r))
+        x, y = _inside(round(x) + dx, r), _inside(round(y) + dy, r)
+        frames.append(_canvas([(a["shape"], rgb, x, y, r)]))
+        for name, value in (("centers", (x, y)), ("radii", r), ("colours", rgb)):
+            geometry[name].append(value)
+    return frames, geometry
+
+
+@lru_cache(maxsize=None)
+def _envelope(rhythm):
+    """0/1 on-off pattern smoothed by a 10 ms Hann window (no clicks at the edges)."""
+    env = np.zeros(SAMPLE_RATE)
+    for start, end in RHYTHMS[rhythm]:
+        env[int(start * SAMPLE_RATE):int(end * SAMPLE_RATE)] = 1.0
+    window = np.hanning(SAMPLE_RATE // 100)
+    return np.convolve(env, window / window.sum(), mode="same")
+
+
+def _render_audio(a, rng):
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    f0 = PITCH_HZ[a["pitch"]] * (1 + 0.03 * rng.uniform(-1, 1))
+    freq = f0 * 1.4 ** (CONTOURS[a["contour"]] * (2 * t - 1))        # geometric sweep around f0
+    phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE + rng.uniform(0, 2 * np.pi)
+    if a["timbre"] == "whistle":
+        tone = np.sin(phase)
+    elif a["timbre"] == "buzz":   # band-limited square wave: odd harmonics 1/k below Nyquist
+        ks = range(1, int(SAMPLE_RATE / 2 / freq.max()) + 1, 2)
+        tone = sum(np.sin(k * phase) / k for k in ks)
+    else:                         # hiss: noise low-passed to 60 Hz, shifted up to f(t) by ring modulation
+        spectrum = np.fft.rfft(rng.standard_normal(SAMPLE_RATE))
+        spectrum[61:] = 0                                          # rfft bin i = i Hz for a 1 s signal
+        tone = np.fft.irfft(spectrum, SAMPLE_RATE) * np.sin(phase)
+    wave = tone * _envelope(a["rhythm"])
+    wave = 0.5 * wave / np.abs(wave).max() + 0.002 * rng.standard_normal(SAMPLE_RATE)
+    return wave.astype(np.float32), {}
+
+
+@lru_cache(maxsize=None)
+def _alien_glyphs():
+    """One 7 x 5 glyph per letter: three random strokes (+ maybe a dot), seeded by the letter, all distinct."""
+    glyphs, seen = {}, set()
+    for letter in string.ascii_lowercase:
+        for attempt in itertools.count():
+            rng = np.random.default_rng([ALIEN_SEED, ord(letter), attempt])
+            glyph = np.zeros((7, 5), bool)
+            for (y0, x0), (y1, x1) in rng.integers(0, [7, 5], size=(3, 2, 2)):
+                steps = max(abs(y1 - y0), abs(x1 - x0)) + 1
+                glyph[np.rint(np.linspace(y0, y1, steps)).astype(int), np.rint(np.linspace(x0, x1, steps)).astype(int)] = True
+            if rng.random() < 0.5:
+                glyph[tuple(rng.integers(0, [7, 5]))] = True
+            if glyph.sum() >= 7 and glyph.tobytes() not in seen:
+                break
+        glyphs[letter] = glyph
+        seen.add(glyph.tobytes())
+    return glyphs
+
+
+@lru_cache(maxsize=None)
+def _word_ink(word, script):
+    """Boolean ink mask of a word: Pillow's bitmap font x2 (12 x 22 px per letter) or alien glyphs x3 (15 x 21)."""
+    if script == "latin":
+        font = _bitmap_font()
+        small = Image.new("L", font.getbbox(word)[2:], 0)
+        ImageDraw.Draw(small).text((0, 0), word, font=font, fill=255)
+        ink, scale = np.array(small) > 127, 2
+    else:
+        gap = np.zeros((7, 1), bool)
+        ink, scale = np.concatenate(sum(([_alien_glyphs()[c], gap] for c in word), [])[:-1], axis=1), 3
+    return np.kron(ink, np.ones((scale, scale), bool))
+
+
+@lru_cache(maxsize=None)
+def _bitmap_font():
+    return ImageFont.load_default_imagefont()   # embedded bitmap font: identical pixels everywhere
+
+
+def _render_document(a, rng, script):
+    ink = _word_ink(a["word"], script)
+    (width, height), (h, w) = DOC_SIZE, ink.shape
+    x = int(np.clip((width - w) // 2 + rng.integers(-8, 9), 2, width - w - 2))
+    y = int(np.clip((height - h) // 2 + rng.integers(-2, 3), 0, height - h))
+    page = np.full((height, width, 3), 255, np.uint8)
+    page[y:y + h, x:x + w][ink] = 0
+    return Image.fromarray(page), {"offset": (x, y)}
+
+
+def render(modality, attributes, seed=0, script="latin"):
+    """Render one combination -> (media, geometry). `seed` only moves/jitters things, never the meaning."""
+    _check(modality, "train", script)
+    rng = np.random.default_rng(seed) if isinstance(seed, (int, np.integer)) else seed
+    if modality == "image":
+        return _render_image(attributes, rng)
+    if modality == "video":
+        return _render_video(attributes, rng)
+    if modality == "audio":
+        return _render_audio(attributes, rng)
+    if modality == "document":
+        return _render_document(attributes, rng, script)
+    return None, {}
+
+
+# ----------------------------------------------------------------------------- public sampling API
+def _draw_order(count, n, rng):
+    """Concatenated random permutations: the first `count` draws are all distinct, then it cycles."""
+    rounds = -(-n // count) if n else 0
+    return np.concatenate([rng.permutation(count) for _ in range(rounds)] or [np.zeros(0, int)])[:n]
+
+
+def items(modality, split="train", n=8, seed=0, script="latin"):
+    """n deterministic items; the first n_combinations(modality, split) have distinct combinations."""
+    _check(modality, split, script)
+    pool = [(m, k) for m in (CAPTIONED if modality == "text" else (modality,)) for k in _split_keys(m, split)]
+    rng = np.random.default_rng([seed, MODALITIES.index(modality), SPLITS.index(split), SCRIPTS.index(script)])
+    out = []
+    for index in _draw_order(len(pool), n, rng):
+        source, key = pool[index]
+        negatives = _negative_keys(source, key, split)
+        negative = dict(negatives[rng.integers(len(negatives))])
+        media, geometry = render(modality, dict(key), rng, script)
+        out.append(Item(modality, media, [caption(source, dict(key), k) for k in range(N_PARAPHRASES)],
+                        caption(source, negative, 0), dict(key), script if modality == "document" else "",
+                        negative, geometry))
+    return out
+
+
+def text_pairs(split="train", n=1000, seed=0):
+    """(anchor, paraphrase positive, hard negative) over all modalities' caption spaces, as pure text.
+
+    The negative uses the positive's template and synonyms, so only the changed attribute tells them apart."""
+    _check("text", split)
+    rng = np.random.default_rng([seed, 7, SPLITS.index(split)])
+    pairs = []
+    for _ in range(n):
+        modality = CAPTIONED[rng.integers(len(CAPTIONED))]
+        keys = _split_keys(modality, split)
+        key = keys[rng.integers(len(keys))]
+        negatives = _negative_keys(modality, key, split)
+        i, j = rng.choice(N_PARAPHRASES, size=2, replace=False)
+        pairs.append((caption(modality, dict(key), i), caption(modality, dict(key), j),
+                      caption(modality, dict(negatives[rng.integers(len(negatives))]), j)))
+    return pairs
+
+
+def corpus():
+    """Every string the world can produce (all paraphrases of all combinations, and the words): for the tokenizer."""
+    texts = [caption(m, a, k) for m in CAPTIONED for a in _all_combinations(m) for k in range(N_PARAPHRASES)]
+    return list(dict.fromkeys(texts + WORDS))
+
+
+def save_item(item, dir, stem, relative_to=None):
+    """Write item's media to dir/stem.{png,gif,wav}; return its official jsonl record.
+
+    Paths in the record are relative to `relative_to` (default: `dir`), i.e. to the folder holding the jsonl."""
+    import soundfile
+    os.makedirs(dir, exist_ok=True)
+    ext = {"image": "png", "document": "png", "video": "gif", "audio": "wav"}.get(item.modality)
+    anchor = {"image_path": "", "text": item.captions[1]}
+    if ext:
+        path = os.path.join(dir, f"{stem}.{ext}")
+        if item.modality == "video":   # 4 frames at 4 fps, looping
+            item.media[0].save(path, save_all=True, append_images=item.media[1:], duration=250, loop=0)
+        elif item.modality == "audio":
+            soundfile.write(path, item.media, SAMPLE_RATE, subtype="FLOAT")   # float32: reloads bit-identically
+        else:
+            item.media.save(path)
+        kind = {"png": "image_path", "gif": "video_path", "wav": "audio_path"}[ext]
+        anchor = {kind: os.path.relpath(path, relative_to or dir), "text": ""}
+    return {"anchor": anchor, "positive": {"image_path": "", "text": item.captions[0]},
+            "negative": {"image_path": "", "text": item.negative}}
+
+
+def _overview(rows, path):
+    """Contact sheet: one row per modality, captions[0] above each sample."""
+    import textwrap
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = max(len(r) for _, r in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(2.4 * n, 2.1 * len(rows)), squeeze=False)
+    for axrow, (name, row) in zip(axes, rows):
+        for ax, item in itertools.zip_longest(axrow, row):
+            ax.set_xticks([]), ax.set_yticks([])
+            if item is None:
+                ax.axis("off")
+                continue
+            if item.modality == "audio":
+                ax.specgram(item.media, NFFT=400, Fs=SAMPLE_RATE, noverlap=240, cmap="magma")
+                ax.set_ylim(0, 4000)
+            elif item.modality == "video":
+                ax.imshow(np.concatenate([np.array(f) for f in item.media], axis=1))
+            else:
+                ax.imshow(item.media)
+            ax.set_title(textwrap.fill(item.captions[0], 26), fontsize=6)
+        axrow[0].set_ylabel(name, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Dump samples of the synthetic world (png/gif/wav + captions.jsonl).")
+    parser.add_argument("--dump", required=True, help="output folder")
+    parser.add_argument("--n", type=int, default=8, help="items per modality")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="train", choices=SPLITS)
+    args = parser.parse_args(argv)
+    rows, records = [], []
+    for name, modality, script in [("image", "image", "latin"), ("video", "video", "latin"), ("audio", "audio", "latin"),
+                                   ("document", "document", "latin"), ("alien", "document", "alien")]:
+        row = items(modality, args.split, args.n, args.seed, script=script)
+        records += [save_item(item, args.dump, f"{name}_{i:03d}") for i, item in enumerate(row)]
+        rows.append((name, row))
+    jsonl = os.path.join(args.dump, "captions.jsonl")
+    with open(jsonl, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    _overview(rows, os.path.join(args.dump, "overview.png"))
+    print(f"wrote {len(records)} media files ({args.n} per row: {', '.join(n for n, _ in rows)}) to {args.dump}/")
+    print(f"wrote {jsonl} (paths relative to its folder)")
+    print(f"wrote {os.path.join(args.dump, 'overview.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
+language-centric (text-only) contrastive learning with LoRA.
+
+    python train.py                                   # tiny default, both stages + evaluation, CPU, minutes
+    python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
+    python train.py --stage contrastive               # only contrastive learning, on out/base
+    python train.py --resume                          # continue an interrupted run from its last checkpoint
+    python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --stage contrastive --data pairs.jsonl \\
+        --batch-size 1056 --micro-batch 32 --lr 4e-4 --steps 2000
+    torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-Omni-3B --stage contrastive --data pairs.jsonl
+
+What happens, top to bottom:
+  1. pretrain     next-token training. For the tiny default: captioning of the synthetic world's
+                  images, videos, sounds and documents (and paraphrase -> canonical caption for
+                  text), from scratch. For a real backbone: continual generative pretraining with
+                  LoRA on --pretrain-data (input = anchor side, target = positive text).
+  2. contrastive  InfoNCE (tau = 0.03) on TEXT pairs only (paraphrase positive + hard negative),
+                  LoRA on the language model. Image, audio and video are never seen here.
+  3. evaluate     held-out retrieval for (a) the base model, (b) after contrastive learning and,
+                  for the tiny default, (c) a control: the same contrastive learning on a model
+                  that never had generative pretraining.
+Outputs in --out: base/ (pretrained model), adapter/ (peft-compatible LoRA files),
+merged/ (what `python embed.py` uses by default), eval.json, config.json, *.ckpt.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, tiny, world
+from lco_mini.kernels import infonce
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=["pretrain", "contrastive", "all"], default="all",
+                   help="which stage(s) to run (default: all = pretrain, contrastive, evaluate)")
+    p.add_argument("--model", default="tiny",
+                   help="'tiny' (the built-in default, built and pretrained here) or a hub id / folder")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    # generative stage
+    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 1200; real: 0 unless --pretrain-data)")
+    p.add_argument("--pretrain-batch", type=int, default=32, help="sequences per generative step")
+    p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 2e-3, real: 1e-4)")
+    p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
+    # contrastive stage
+    p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
+    p.add_argument("--steps", type=int, default=None, help="contrastive steps (tiny default: 150)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per step, across all processes (the paper: 1056)")
+    p.add_argument("--micro-batch", type=int, default=0,
+                   help="items per forward pass with GradCache; 0 = the whole batch at once. "
+                        "Unlike gradient accumulation this keeps every in-batch negative")
+    p.add_argument("--hard-negatives", type=int, choices=[0, 1], default=1, help="use the hard negative of each pair")
+    p.add_argument("--multimodal-ratio", type=float, default=0.0,
+                   help="fraction of pairs replaced by multimodal calibration pairs (media -> caption); paper: ~0.2")
+    p.add_argument("--temperature", type=float, default=0.03, help="InfoNCE temperature (paper: 0.03)")
+    p.add_argument("--lr", type=float, default=None, help="contrastive peak lr (tiny: 1e-3, paper: 4e-4)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of steps, at most 100)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (tiny: 16, real: 64)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (tiny: 32, real: 128)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad jsonl lines instead of stopping")
+    # evaluation, logging, checkpoints
+    p.add_argument("--eval-n", type=int, default=100, help="held-out items per retrieval task")
+    p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--no-control", action="store_true", help="skip the random-init control run (tiny only)")
+    p.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
+    p.add_argument("--ckpt-every", type=int, default=100, help="write a checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--tiny-size", default="default", choices=sorted(tiny.SIZES),
+                   help="size preset of the tiny model (smoke = for tests)")
+    args = p.parse_args(argv)
+    is_tiny = args.model == "tiny"
+    defaults = dict(pretrain_steps=1200 if is_tiny else 0, pretrain_lr=2e-3 if is_tiny else 1e-4,
+                    steps=150 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
+                    lora_r=16 if is_tiny else 64, lora_alpha=32 if is_tiny else 128)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.warmup is None:
+        args.warmup = min(100, max(1, args.steps // 10))
+    return args
+
+
+# ----------------------------------------------------------------------------- batches
+# Every batch is a pure function of (seed, stage, step): a resumed run draws exactly
+# the batches an uninterrupted one would have drawn.
+
+PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25}
+MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}
+
+
+def batch_seed(args, stage: str, step: int) -> int:
+    return (args.seed * 1_000_003 + {"pretrain": 1, "contrastive": 2}[stage]) * 1_000_003 + step
+
+
+def world_caption_examples(n: int, seed: int) -> list[tuple[dict, str]]:
+    """(input item, target text) pairs for the tiny model's generative pretraining.
+
+    Every modality, and text, is trained to produce the same canonical caption after
+    the embedding prompt ("Summarize the above ... in one word:"). This is where the
+    cross-modal alignment that contrastive learning later exploits comes from.
+    """
+    rng = random.Random(seed)
+    counts = {m: int(round(share * n)) for m, share in PRETRAIN_MIX.items()}
+    counts["text"] += n - sum(counts.values())
+    examples = []
+    for modality, count in counts.items():
+        if count <= 0:
+            continue
+        source = rng.choice(["image", "video", "audio", "document"]) if modality == "text" else modality
+        for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
+            if modality == "text":
+                examples.append(({"text": rng.choice(item.captions)}, item.captions[0]))
+            else:
+                examples.append(({MEDIA_KEY[modality]: item.media}, item.captions[0]))
+    rng.shuffle(examples)
+    return examples
+
+
+def world_pair_examples(n: int, seed: int, multimodal_ratio: float) -> list[tuple[dict, dict, dict]]:
+    """(anchor, positive, hard negative) for contrastive learning: text only by default.
+
+    With multimodal_ratio > 0 a share of the pairs become "calibration" pairs
+    (media anchor -> caption), as in the paper's released checkpoints.
+    """
+    rng = random.Random(seed)
+    n_media = int(round(multimodal_ratio * n))
+    triples = [({"text": a}, {"text": p}, {"text": h}) for a, p, h in world.text_pairs("train", n - n_media, seed)]
+    for _ in range(n_media):
+        modality = rng.choice(["image", "video", "audio", "document"])
+        item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
+        triples.append(({MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
+    rng.shuffle(triples)
+    return triples
+
+
+def jsonl_examples(pairs: list, n: int, seed: int) -> list:
+    """n pairs of a jsonl dataset: epoch-wise permutations, indexed by the step's seed."""
+    rng = random.Random(seed)
+    return [pairs[rng.randrange(len(pairs))] for _ in range(n)]
+
+
+def local_slice(examples: list) -> list:
+    """This process's share of the global batch."""
+    size, rank = distributed.world_size(), (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
+    return examples[rank::size]
+
+
+# ----------------------------------------------------------------------------- losses
+
+def generative_loss(model, processor, examples, device) -> torch.Tensor:
+    """Next-token cross-entropy on the target text only (the prompt is not scored)."""
+    items, targets = zip(*examples)
+    inputs = backbone.build_inputs(processor, list(items), targets=list(targets)).to(device)
+    labels = inputs.pop("labels")
+    logits = model(**inputs).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def embed_items(model, processor, items, device) -> torch.Tensor:
+    return backbone.embed_batch(model, backbone.build_inputs(processor, items).to(device))
+
+
+def contrastive_loss(model, processor, triples, args, device) -> torch.Tensor:
+    """InfoNCE over the global batch; with --micro-batch, GradCache keeps every negative.
+
+    GradCache (Gao et al. 2021): (1) embed all items without a graph, in micro-batches;
+    (2) compute the loss on the detached embeddings and its gradient w.r.t. them;
+    (3) re-run each micro-batch with a graph and back-propagate its slice of that
+    gradient. Memory is one micro-batch; the loss is the full-batch loss. Gradient
+    accumulation, by contrast, would shrink the candidates per anchor to the micro-batch.
+    """
+    anchors, positives, negatives = (list(x) for x in zip(*triples))
+    items = anchors + positives + (negatives if args.hard_negatives else [])
+    micro = args.micro_batch or len(items)
+
+    def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
+        b = len(anchors)
+        a, p, n = embeddings[:b], embeddings[b:2 * b], embeddings[2 * b:]
+        a, p = distributed.gather_with_grad(a), distributed.gather_with_grad(p)
+        n = distributed.gather_with_grad(n) if len(n) else None
+        return infonce(a, p, n, temperature=args.temperature) * distributed.world_size()
+
+    chunks = [items[i:i + micro] for i in range(0, len(items), micro)]
+    if len(chunks) == 1:
+        loss = loss_of(embed_items(model, processor, items, device))
+        loss.backward()
+        return loss.detach() / distributed.world_size()
+    states, cached = [], []
+    with torch.no_grad():
+        for chunk in chunks:
+            states.append(torch.get_rng_state())  # replay the same dropout masks in step (3)
+            cached.append(embed_items(model, processor, chunk, device))
+    embeddings = torch.cat(cached).detach().requires_grad_()
+    loss = loss_of(embeddings)
+    loss.backward()
+    for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
+        torch.set_rng_state(state)
+        embed_items(model, processor, chunk, device).backward(grad)
+    return loss.detach() / distributed.world_size()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class TrainingError(RuntimeError):
+    """Stops a run with a message (bad loss, bad data); the last good checkpoint is kept."""
+
+
+def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train_loop(name: str, model, steps: int, peak_lr: float, loss_fn, args, ckpt_path: Path,
+               log_extra: str = "", items_per_step: int = 0, unit: str = "pairs") -> list[float]:
+    """The one loop both stages share: lr schedule, step, clip, log, checkpoint, resume."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=args.weight_decay)
+    warmup = min(args.warmup, max(1, steps // 10)) if name == "pretrain" else args.warmup
+    start, losses = 0, []
+    state = checkpoint.load(ckpt_path) if args.resume else None
+    if state is not None:
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        start, losses = state["step"], state["losses"]
+        say(f"{name}: resumed from {ckpt_path} at step {start}")
+    model.train()
+    t0, seen = time.time(), 0
+    for step in range(start, steps):
+        lr = get_lr(step, peak_lr, warmup, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = loss_fn(step)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{name}: loss became {loss.item()} at step {step}; stopping. "
+                                f"The last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
+        distributed.average_gradients(params)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        seen += items_per_step
+        last_step = step == steps - 1
+        if step % args.log_every == 0 or last_step:
+            rate = seen / max(1e-9, time.time() - t0)
+            say(f"{name} step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {rate:6.1f} {unit}/s{log_extra}")
+        if (step + 1) % args.ckpt_every == 0 or last_step:
+            if distributed.is_main():
+                checkpoint.save({"model": checkpoint.trainable_state(model), "optimizer": optimizer.state_dict(),
+                                 "rng": checkpoint.rng_state(), "step": step + 1, "losses": losses,
+                                 "config": vars(args), "stage": name}, ckpt_path)
+    model.eval()
+    return losses
+
+
+def say(message: str) -> None:
+    if distributed.is_main():
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- stages
+
+def save_model(model, processor, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then rename: a folder that exists is complete."""
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+def run_pretrain(args, device, out: Path) -> Path:
+    """Stage 1: generative training. Returns the folder of the pretrained base model."""
+    base = out / "base"
+    if args.resume and base.exists():
+        say(f"pretrain: {base} is complete, skipping")
+        return base
+    if args.model == "tiny":
+        init = tiny.build_tiny(out / "init", seed=args.seed, size=args.tiny_size)
+        model, processor = backbone.load(init, device=device)
+        for p in model.parameters():  # from scratch: every weight, towers included, is trained
+            p.requires_grad_(True)
+        source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step))
+    else:
+        if not args.pretrain_data:
+            raise TrainingError("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
+        pairs, bad = data.read_jsonl(args.pretrain_data, skip_bad=args.skip_bad)
+        say(f"pretrain: {len(pairs)} examples from {args.pretrain_data}" + (f", {bad} bad lines skipped" if bad else ""))
+        model, processor = backbone.load(args.model, device=device)
+        lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        source = lambda step: [(p.anchor, p.positive["text"]) for p in
+                               jsonl_examples(pairs, args.pretrain_batch, batch_seed(args, "pretrain", step))]
+
+    def step_loss(step):
+        loss = generative_loss(model, processor, local_slice(source(step)), device)
+        loss.backward()
+        return loss.detach()
+
+    train_loop("pretrain", model, args.pretrain_steps, args.pretrain_lr, step_loss, args,
+               out / "pretrain.ckpt.pt", items_per_step=args.pretrain_batch, unit="seqs")
+    if args.model != "tiny":
+        model = lora.merge_lora(model)
+    if distributed.is_main():
+        save_model(model, processor, base)
+    distributed.barrier()
+    return base
+
+
+def contrastive_source(args):
+    """step -> list of (anchor, positive, negative) item dicts, for the global batch."""
+    if args.data:
+        pairs, bad = data.read_jsonl(args.data, skip_bad=args.skip_bad)
+        say(f"contrastive: {len(pairs)} pairs from {args.data}" + (f", {bad} bad lines skipped" if bad else ""))
+        if args.hard_negatives and any(p.negative is None for p in pairs):
+            raise TrainingError(f"{args.data}: some lines have no 'negative'; pass --hard-negatives 0 to train without")
+        return lambda step: [(p.anchor, p.positive, p.negative) for p in
+                             jsonl_examples(pairs, args.batch_size, batch_seed(args, "contrastive", step))]
+    return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step), args.multimodal_ratio)
+
+
+def run_contrastive(args, device, base: Path, out: Path, name: str = "contrastive"):
+    """Stage 2: text-only InfoNCE with LoRA on the language model. Returns the merged model."""
+    model, processor = backbone.load(base, device=device)
+    lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    if device.type == "cuda":
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()  # LoRA-only training: checkpointed blocks need a grad-requiring input
+    source = contrastive_source(args)
+    candidates = args.batch_size * (1 + args.hard_negatives)
+    micro = f" (GradCache micro-batch {args.micro_batch})" if args.micro_batch else ""
+    say(f"{name}: global batch {args.batch_size} pairs -> {candidates} candidates per anchor{micro}")
+
+    def step_loss(step):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        with autocast:
+            return contrastive_loss(model, processor, local_slice(source(step)), args, device)
+
+    train_loop(name, model, args.steps, args.lr, step_loss, args, out / f"{name}.ckpt.pt",
+               log_extra=f" | {candidates} cands/anchor", items_per_step=args.batch_size)
+    if name == "contrastive" and distributed.is_main():
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(base))
+    model = lora.merge_lora(model)
+    if name == "contrastive" and distributed.is_main():
+        save_model(model, processor, out / "merged")
+    return model, processor
+
+
+def evaluate_models(args, device, out: Path, runs: dict) -> None:
+    """Held-out retrieval for each (name -> (model, processor)); table printed, JSON saved."""
+    results = {}
+    for name, (model, processor) in runs.items():
+        say(f"evaluating {name} ...")
+        embedder = backbone.Embedder(model, processor, batch_size=32, device=device, progress=False)
+        results[name] = evaluation.evaluate(embedder, n=args.eval_n, seed=args.seed + 1234)
+    evaluation.save(results, out / "eval.json")
+    say("\nheld-out retrieval (%):\n" + evaluation.format_table(results) + f"\nsaved to {out / 'eval.json'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def check_output_folder(args, out: Path) -> None:
+    """Never silently overwrite an earlier run (that would be lost work)."""
+    if (out / "config.json").exists() and not (args.resume or args.overwrite):
+        raise TrainingError(f"{out}/ already holds a run: pass --resume to continue it, "
+                            f"--overwrite to replace it, or --out to write elsewhere")
+    if args.overwrite and distributed.is_main():
+        for name in ["base", "init", "adapter", "merged"]:
+            shutil.rmtree(out / name, ignore_errors=True)
+        for ckpt in out.glob("*.ckpt.pt"):
+            ckpt.unlink()
+
+
+def main(argv=None) -> None:
+    args = get_args(argv)
+    device, rank, world_size = distributed.setup(args.device)
+    torch.manual_seed(args.seed + rank)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    out = Path(args.out)
+    check_output_folder(args, out)
+    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        (out / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+    say(f"device: {device} | processes: {world_size} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    t0 = time.time()
+
+    base = Path(args.model)
+    if args.stage in ("pretrain", "all") and (args.model == "tiny" or args.pretrain_data):
+        base = run_pretrain(args, device, out)
+    elif args.model == "tiny":
+        base = out / "base"
+        if not base.exists():
+            raise TrainingError(f"{base} does not exist: run `python train.py --stage pretrain` first")
+    if args.stage == "pretrain":
+        say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
+        return
+
+    merged = run_contrastive(args, device, base, out)
+    runs = {}
+    if not args.no_eval:
+        runs["(a) base"] = backbone.load(base, device=device)
+        runs["(b) text-only CL"] = merged
+        if args.model == "tiny" and not args.no_control:
+            init = tiny.build_tiny(out / "init", seed=args.seed, size=args.tiny_size)
+            runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, name="control")
+        evaluate_models(args, device, out, runs)
+    say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
+        f"Embed with: python embed.py --model {out / 'merged'} FILE")
+    distributed.cleanup()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (TrainingError, data.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
