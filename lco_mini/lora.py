@@ -190,7 +190,7 @@ def _peft_matches(targets, name: str) -> bool:
     """peft's rule: a regex string must fullmatch; list entries match the name or a '.'-suffix of it."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name.endswith("." + t) for t in targets)
+    return name in targets or any(name.endswith("." + t) for t in targets)
 
 
 def save_adapter(model: nn.Module, directory: str, base_model_name_or_path: str | None = None):
