@@ -72,7 +72,8 @@ def modality_of(path) -> str:
         if suffix in extensions:
             return modality
     supported = " ".join(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
-    raise MediaError(path, f"unsupported file type {suffix or '(no extension)'!r}; supported: {supported} or a folder of frames")
+    kind = suffix or "(no extension)"
+    raise MediaError(path, f"unsupported file type {kind!r}; supported: {supported} or a folder of frames")
 
 
 def load_text(text) -> str:
@@ -227,7 +228,7 @@ def _array_to_float(array: np.ndarray) -> np.ndarray:
         raise MediaError("<audio array>", f"expected a numeric array, got dtype {array.dtype}")
     peak = float(np.abs(array).max(initial=0.0))
     if peak > 1.0 + 1e-6:
-        raise MediaError("<audio array>", f"float samples must lie in [-1, 1], max |x| is {peak:.3g}; scale the array first")
+        raise MediaError("<audio array>", f"float samples must lie in [-1, 1], max |x| is {peak:.3g}; scale it first")
     return array.astype(np.float32)
 
 
@@ -256,12 +257,13 @@ def load_video(path_or_frames, max_frames: int = 16, max_pixels=None) -> list[Im
             frames = _decode_video_file(source, max_frames)
         else:
             _check_file(source, "a video")
-            raise MediaError(source, f"not a video: expected a folder of frames, .gif, .webp or one of {' '.join(VIDEO_EXTENSIONS)}")
+            expected = " ".join(ANIMATABLE_EXTENSIONS + VIDEO_EXTENSIONS)
+            raise MediaError(source, f"not a video: expected a folder of frames or one of {expected}")
     if not frames:
         raise MediaError(source, "video has no frames")
     if any(f.size != frames[0].size for f in frames):
         sizes = sorted({f"{f.width}x{f.height}" for f in frames})
-        raise MediaError(source, f"frames differ in size ({', '.join(sizes)}): all frames of a video must have one size")
+        raise MediaError(source, f"frames differ in size ({', '.join(sizes)}): a video's frames must share one size")
     frames = [_resize_to_budget(f, max_pixels, None) for f in frames]
     if len(frames) % 2:
         frames.append(frames[-1].copy())  # temporal_patch_size = 2: frames are encoded in pairs
