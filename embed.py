@@ -1,0 +1,182 @@
+"""Embed files and text with an LCO-Emb model: one vector per input, all in one space.
+
+    python embed.py cat.png                              # one file, the default model (out/merged)
+    python embed.py cat.png bark.wav clip.gif frames/    # image, audio, video (gif / a folder of frames)
+    python embed.py --text "a red circle" --text "a high tone"
+    python embed.py *.png --out emb.npy                  # save an [N, D] float32 array (files, then texts)
+    python embed.py *.png --text "a cat" --out emb.jsonl # one {"input", "modality", "vector"} per line
+    python embed.py a.png b.wav --text "a red circle" --text "a high tone"   # zero-shot matching
+    python embed.py --model Qwen/Qwen2.5-Omni-3B --adapter out/adapter --device cuda photo.jpg
+
+Files and texts land in one space because of how the model was trained: the
+contrastive stage saw only text, yet images, audio and video follow (the
+LCO-Emb finding). So a file's best-matching text is a zero-shot label: give
+candidate texts with --text next to the files and the script prints the
+cosine similarity of every file to every text, and the best text per file.
+
+Every input is decoded *before* the model is loaded: a typo in the tenth file
+name fails in a second, with one line naming it, not after a minute of loading.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lco_mini import media
+
+DEFAULT_MODEL = "out/merged"  # the folder `python train.py` writes
+PREVIEW_VALUES = 4  # how many leading values to print per vector
+OUT_FORMATS = (".npy", ".jsonl")
+
+
+def fail(message: str):
+    """A user mistake: one line on stderr, exit code 2, no traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; keep it to one line like every other mistake
+        fail(f"{message} (see --help)")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="*", metavar="FILE",
+                   help="images, audio (.wav .flac .ogg), videos (animated .gif/.webp, .mp4 with PyAV, a folder of frames)")
+    p.add_argument("--text", action="append", default=[], help="a text to embed (repeatable); with files: match files to texts")
+    p.add_argument("--out", default=None, help="save the vectors: .npy ([N, D] float32) or .jsonl (default: print them)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or folder: a merged model, or a base model with --adapter (default: {DEFAULT_MODEL})")
+    p.add_argument("--adapter", default=None, help="folder with a LoRA adapter (adapter_config.json) to apply to --model")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass (default: 16)")
+    return p.parse_args(argv)
+
+
+def decode_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, object]]:
+    """(label, modality, decoded input) per input, files then texts; any bad input -> fail()."""
+    loaders = {"image": media.load_image, "audio": media.load_audio, "video": media.load_video}
+    decoded = []
+    for path in paths:
+        try:
+            modality = media.modality_of(path)
+            decoded.append((path, modality, loaders[modality](path)))
+        except media.MediaError as e:  # its message already names the file
+            fail(str(e))
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            fail(f"--text #{i} ({text!r}): empty text")
+        decoded.append((text.strip(), "text", text.strip()))
+    if not decoded:
+        fail("no inputs: give files or folders to embed, and/or --text \"...\" (see --help)")
+    return decoded
+
+
+def looks_like_folder(name: str) -> bool:
+    """'./m', '/abs/m', 'runs/a/merged' are folders; 'Qwen/Qwen2.5-Omni-3B' (org/name) may be a hub id."""
+    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def check_model(model: str, adapter: str | None) -> None:
+    """Missing model / adapter folders are user mistakes too: say so before importing torch."""
+    folder = Path(model).expanduser()
+    if model == DEFAULT_MODEL and not folder.exists():
+        fail(f"no model at {DEFAULT_MODEL}: run `python train.py` first (a few minutes on a CPU), or pass --model")
+    if looks_like_folder(model):
+        if not folder.is_dir():
+            fail(f"{model}: no such model folder (--model takes a folder or a hub id such as Qwen/Qwen2.5-Omni-3B)")
+        if not (folder / "config.json").is_file():
+            fail(f"{model}: not a model folder (no config.json); for a LoRA adapter folder use --adapter")
+    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+        fail(f"{adapter}: not an adapter folder (no adapter_config.json)")
+
+
+def check_out(out: str | None) -> None:
+    if out is None:
+        return
+    if Path(out).suffix.lower() not in OUT_FORMATS:
+        fail(f"{out}: --out must end in {' or '.join(OUT_FORMATS)}")
+    if not Path(out).parent.is_dir():
+        fail(f"{out}: folder {Path(out).parent} does not exist")
+
+
+def embed_all(embedder, decoded) -> np.ndarray:
+    """[N, D] float32 in input order; each modality goes through the model in batches of its own."""
+    embed_fn = {"text": embedder.embed_texts, "image": embedder.embed_images,
+                "audio": embedder.embed_audios, "video": embedder.embed_videos}
+    rows = [None] * len(decoded)
+    for modality, fn in embed_fn.items():
+        positions = [i for i, (_, m, _) in enumerate(decoded) if m == modality]
+        if positions:
+            vectors = fn([decoded[i][2] for i in positions]).numpy()
+            for i, vector in zip(positions, vectors):
+                rows[i] = vector
+    return np.stack(rows).astype(np.float32)
+
+
+def save(out: str, decoded, vectors: np.ndarray) -> None:
+    if out.lower().endswith(".npy"):
+        np.save(out, vectors)
+    else:
+        with open(out, "w") as f:
+            for (label, modality, _), vector in zip(decoded, vectors):
+                f.write(json.dumps({"input": label, "modality": modality, "vector": vector.tolist()}) + "\n")
+    print(f"saved {len(vectors)} vectors of dim {vectors.shape[1]} to {out}")
+
+
+def print_vectors(decoded, vectors: np.ndarray) -> None:
+    width = max(len(label) for label, _, _ in decoded)
+    for (label, modality, _), vector in zip(decoded, vectors):
+        head = ", ".join(f"{v:.4f}" for v in vector[:PREVIEW_VALUES])
+        more = ", ..." if len(vector) > PREVIEW_VALUES else ""
+        print(f"{modality:<5}  {label:<{width}}  dim {len(vector)}  [{head}{more}]")
+
+
+def print_similarities(decoded, vectors: np.ndarray) -> None:
+    """Cosine similarity files x texts (rows are unit vectors: a dot product) and the best text per file."""
+    files = [i for i, (_, m, _) in enumerate(decoded) if m != "text"]
+    texts = [i for i, (_, m, _) in enumerate(decoded) if m == "text"]
+    similarity = vectors[files] @ vectors[texts].T
+    width = max(len(decoded[i][0]) for i in files)
+    print(f"\ncosine similarity, files x texts (T1..T{len(texts)} listed below):")
+    print(" " * width + "".join(f"  {'T' + str(j + 1):>7}" for j in range(len(texts))) + "  best text")
+    for row, i in zip(similarity, files):
+        best = int(row.argmax())
+        cells = "".join(f"  {s:7.4f}" for s in row)
+        print(f"{decoded[i][0]:<{width}}{cells}  T{best + 1} {decoded[texts[best]][0]!r}")
+    for j, i in enumerate(texts):
+        print(f"  T{j + 1} = {decoded[i][0]!r}")
+
+
+def main(argv=None) -> None:
+    args = get_args(argv)
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_out(args.out)
+    decoded = decode_inputs(args.inputs, args.text)
+    check_model(args.model, args.adapter)
+
+    from lco_mini.backbone import Embedder  # imports torch + transformers: only once the inputs are known good
+
+    try:
+        embedder = Embedder.from_pretrained(args.model, adapter=args.adapter, device=args.device,
+                                            batch_size=args.batch_size)
+    except OSError as e:  # a hub id that cannot be found or fetched: transformers raises OSError
+        fail(f"{args.model}: cannot load the model ({str(e).strip().splitlines()[0]})")
+    vectors = embed_all(embedder, decoded)
+
+    if args.out:
+        save(args.out, decoded, vectors)
+    else:
+        print_vectors(decoded, vectors)
+    if args.text and len(args.text) < len(decoded):  # files and texts: zero-shot matching
+        print_similarities(decoded, vectors)
+
+
+if __name__ == "__main__":
+    main()
