@@ -148,13 +148,20 @@ def _mrope_section(head_dim: int) -> list[int]:
     return [t, h, half - t - h]
 
 
+TOKEN_ID_KEYS = ("image_token_index", "video_token_index", "audio_token_index", "vision_start_token_id",
+                 "vision_end_token_id", "audio_start_token_id", "audio_end_token_id", "user_token_id",
+                 "pad_token_id", "eos_token_id")
+
+
 def tiny_config(vocab_size: int, **overrides) -> Qwen2_5OmniThinkerConfig:
     """A Qwen2.5-Omni thinker config of a few million parameters.
 
-    overrides: any key of TINY_SIZE (sizes) or of the thinker config itself (e.g.
-    image_token_index, vision_start_token_id); build_tiny passes the token ids."""
+    overrides: sizes (keys of TINY_SIZE) and token ids (TOKEN_ID_KEYS, see `token_ids`)."""
+    unknown = set(overrides) - set(TINY_SIZE) - set(TOKEN_ID_KEYS)
+    if unknown:
+        raise TypeError(f"tiny_config: unknown overrides {sorted(unknown)}; sizes are {sorted(TINY_SIZE)}")
     size = {**TINY_SIZE, **{k: v for k, v in overrides.items() if k in TINY_SIZE}}
-    ids = {k: v for k, v in overrides.items() if k not in TINY_SIZE}
+    ids = {k: v for k, v in overrides.items() if k in TOKEN_ID_KEYS}
     hidden, heads = size["hidden_size"], size["num_attention_heads"]
     text = dict(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=size["intermediate_size"],
@@ -188,7 +195,12 @@ def tiny_config(vocab_size: int, **overrides) -> Qwen2_5OmniThinkerConfig:
 
 def token_ids(tokenizer) -> dict[str, int]:
     """The thinker config's token ids, read off the tokenizer (the two must agree)."""
-    tid = tokenizer.convert_tokens_to_ids
+    def tid(token):
+        index = tokenizer.convert_tokens_to_ids(token)
+        if index is None or index == tokenizer.unk_token_id:
+            raise ValueError(f"{token!r} is not one token of this tokenizer (vocab_size too small?)")
+        return index
+
     return dict(
         image_token_index=tid("<|IMAGE|>"), video_token_index=tid("<|VIDEO|>"),
         audio_token_index=tid("<|AUDIO|>"),
@@ -198,30 +210,43 @@ def token_ids(tokenizer) -> dict[str, int]:
     )
 
 
-def build_processor(tokenizer, family: str = "omni"):
-    """A real processor around `tokenizer`: Qwen2_5OmniProcessor (family "omni") or the
-    image/video processors + template that conftest's Qwen2-VL processors reuse ("vl")."""
-    grid = dict(patch_size=8, merge_size=2, temporal_patch_size=2)
-    # Images: 32 x 32 px at least (4 tokens), 128 x 128 at most (64 tokens); a 64 x 64 scene
-    # and a 128 x 32 document image pass through unchanged (16 tokens each).
-    image_processor = Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=128 * 128, **grid)
-    # Video frames: at most 64 x 64 (16 tokens per pair of frames).
-    video_processor = Qwen2VLVideoProcessor(min_pixels=32 * 32, max_pixels=64 * 64, **grid)
-    if family == "vl":
-        return image_processor, video_processor, chat_template("vl")
-    # 128 mel bins like Qwen2.5-Omni; chunk_length 5 s instead of Whisper's 30 s: every clip
-    # is padded to chunk_length before the mel transform, so a short window is much cheaper.
-    # Longer audio is truncated to 5 s (the real model truncates at 30 s).
-    features = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=5)
-    return Qwen2_5OmniProcessor(image_processor=image_processor, video_processor=video_processor,
-                                feature_extractor=features, tokenizer=tokenizer,
+GRID = dict(patch_size=8, merge_size=2, temporal_patch_size=2)  # 8 x 8 px patches, 2 x 2 merge
+
+
+def image_processor() -> Qwen2VLImageProcessor:
+    """Images: 32 x 32 px at least (4 tokens), 128 x 128 at most (64 tokens); a 64 x 64 scene
+    and a 128 x 32 document image pass through unchanged (16 tokens each)."""
+    return Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=128 * 128, **GRID)
+
+
+def video_processor() -> Qwen2VLVideoProcessor:
+    """Video frames: at most 64 x 64 px, 16 tokens per pair of frames (temporal patch 2).
+    cap_pixels_per_frame=True is the reference (qwen-vl-utils) behaviour."""
+    return Qwen2VLVideoProcessor(min_pixels=32 * 32, max_pixels=64 * 64, cap_pixels_per_frame=True, **GRID)
+
+
+def feature_extractor() -> WhisperFeatureExtractor:
+    """128 mel bins at 16 kHz like Qwen2.5-Omni, but chunk_length 5 s instead of Whisper's 30 s:
+    every clip is padded to chunk_length before the mel transform, so a short window is much
+    cheaper. Longer audio is truncated to 5 s (the real model truncates at 30 s)."""
+    return WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, chunk_length=5)
+
+
+def build_processor(tokenizer) -> Qwen2_5OmniProcessor:
+    """The real Qwen2.5-Omni processor around `tokenizer`, sized for the tiny model."""
+    return Qwen2_5OmniProcessor(image_processor=image_processor(), video_processor=video_processor(),
+                                feature_extractor=feature_extractor(), tokenizer=tokenizer,
                                 chat_template=chat_template("omni"))
 
 
 def count_parameters(model) -> dict[str, int]:
     """Parameters per part (vision tower, audio tower, language model + lm_head) and total."""
-    parts = {"vision": model.model.visual, "audio": model.model.audio_tower,
-             "language": model.model.language_model, "lm_head": model.lm_head}
+    if hasattr(model.model, "language_model"):  # recent transformers: model.{visual, audio_tower, language_model}
+        towers = model.model
+        language = model.model.language_model
+    else:  # earlier releases: the towers sit on the thinker itself, .model is the text decoder
+        towers, language = model, model.model
+    parts = {"vision": towers.visual, "audio": towers.audio_tower, "language": language, "lm_head": model.lm_head}
     counts = {name: sum(p.numel() for p in part.parameters()) for name, part in parts.items()}
     counts["total"] = sum(p.numel() for p in model.parameters())
     return counts

@@ -1,0 +1,293 @@
+"""One path for every backbone: load an MLLM, prompt it, pool its last token.
+
+LCO-Emb turns a multimodal LLM into an embedding model without a new head: the
+item (text, image, audio, video, or image + text) goes into one user chat turn,
+followed by an instruction to summarise it in one word, then the generation
+prompt ("<|im_start|>assistant\\n"). The embedding is the last layer's hidden
+state at the *last* token, L2-normalised.
+
+Why the last token: a decoder attends causally, so only the last position has
+seen the whole input; and it is the position that would predict the one-word
+summary, so generative pretraining already made it a compressed description of
+the item (the paper's point: a good generator is a good representer).
+
+Why left padding: in a batch of prompts of different lengths, right padding puts
+each row's last real token at a different column, and pad tokens *after* it.
+Left padding puts the last real token of every row in the last column. Pad
+tokens are masked out of attention, and the position ids of the real tokens
+start at 0 (Qwen2.5-Omni: cumsum of the attention mask; Qwen2-VL family: 3D
+M-RoPE ids from `get_rope_index`, which skips masked tokens). One exception:
+Qwen2-VL models give a *text-only* batch plain 0..T-1 positions, pads included,
+so a left-padded row starts at #pads; RoPE attention depends only on position
+differences, so that shift changes nothing beyond float rounding. Net effect: an
+item gets the same embedding alone or in any batch, in any order (tested at
+1e-5 in fp32 with the default SDPA attention, so no attn_implementation is
+forced). `kernels.pool(mode="last")` finds the last attended token for either
+padding side; left padding is what generation uses, and every processor here
+is forced to it.
+
+The split for training: `build_inputs(processor, items)` makes a padded batch
+(CPU, no model); `embed_batch(model, inputs)` runs the model with gradients.
+`Embedder` wraps both for inference (batches, progress bar, no grad, CPU fp32).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5OmniThinkerForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
+from lco_mini import kernels, media
+
+# The paper's prompts, appended after the item inside the user turn.
+PROMPTS = {
+    "text": "{text}\nSummarize the above text in one word:",
+    "image": "\nSummarize the above image in one word:",
+    "audio": "\nSummarize the above audio in one word:",
+    "video": "\nSummarize the above video in one word:",
+    "interleaved": "{text}\nSummarize the above in one word:",  # media + text (or several media)
+}
+MEDIA = ("image", "video", "audio")  # the order media take inside a turn
+
+# model_type in config.json -> class. A full Qwen2.5-Omni checkpoint ("qwen2_5_omni", thinker +
+# talker + token2wav) loads only its thinker: embeddings need no speech output.
+ARCHITECTURES = {
+    "qwen2_5_omni": Qwen2_5OmniThinkerForConditionalGeneration,
+    "qwen2_5_omni_thinker": Qwen2_5OmniThinkerForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name"
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _resolve_source(name_or_path) -> str:
+    """A local folder, or a string that can be a hub id; anything else is a clear error."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{name}: expected a model folder (config.json, weights), got a file")
+        return str(path)
+    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"{name}: no such folder, and not a Hugging Face hub id like 'Qwen/Qwen2.5-Omni-3B'")
+    return name
+
+
+def _default_device_dtype(device, dtype):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:  # bf16 where it is fast and safe (CUDA); fp32 on CPU for exact tests
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, dtype
+
+
+def _video_kwargs(processor) -> dict:
+    """Qwen2.5-Omni's processor pins video frames to 128..768 tokens of 28 x 28 pixels (the real
+    model's patch 14 x merge 2), overriding the size its video processor saved. For a checkpoint
+    on another grid (the tiny model: patch 8 x merge 2) that unit is wrong and would blow 64 x 64
+    frames up to 320 x 320 (800 tokens for 4 frames), so pass the frame size the checkpoint saved."""
+    video = processor.video_processor
+    if video.patch_size * video.merge_size == 28:
+        return {}
+    return {"videos_kwargs": {"size": {"shortest_edge": video.size["shortest_edge"],
+                                       "longest_edge": video.size["longest_edge"]}}}
+
+
+def load(name_or_path, device=None, dtype=None):
+    """(model, processor) for a Qwen2.5-Omni, Qwen2.5-VL, Qwen2-VL or other image-text-to-text
+    checkpoint, from a local folder or a hub id. dtype: bf16 on CUDA, fp32 on CPU by default.
+    The processor's tokenizer pads on the left (see the module docstring)."""
+    source = _resolve_source(name_or_path)
+    device, dtype = _default_device_dtype(device, dtype)
+    config = AutoConfig.from_pretrained(source)
+    model_class = ARCHITECTURES.get(config.model_type, AutoModelForImageTextToText)
+    if config.model_type == "qwen2_5_omni":
+        # transformers strips the "thinker." prefix of the full checkpoint's weight names when
+        # the thinker class loads it (its checkpoint conversion mapping); talker weights are skipped.
+        config = config.thinker_config
+    model = model_class.from_pretrained(source, config=config, dtype=dtype)
+    model.to(device).eval()
+
+    processor = AutoProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # padding needs some token; it is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, processor
+
+
+# ----------------------------------------------------------------------------- prompts -> batch
+
+def chat_content(item: dict) -> list[dict]:
+    """The user turn for one item: its media placeholders, then the text + instruction."""
+    unknown = set(item) - {"text", *MEDIA}
+    if unknown:
+        raise ValueError(f"unknown item keys {sorted(unknown)}; expected any of text, image, audio, video")
+    kinds = [k for k in MEDIA if item.get(k) is not None]
+    text = item.get("text")
+    if not kinds:
+        if not isinstance(text, str):
+            raise ValueError(f"item has nothing to embed: {item!r}")
+        prompt = PROMPTS["text"].format(text=text)
+    elif not text and len(kinds) == 1:
+        prompt = PROMPTS[kinds[0]]
+    else:
+        prompt = PROMPTS["interleaved"].format(text=text or "")
+    return [{"type": k} for k in kinds] + [{"type": "text", "text": prompt}]
+
+
+def build_inputs(processor, items: list[dict]):
+    """A left-padded BatchFeature (tensors on CPU) for `items`.
+
+    Each item is a dict with any of "text" (str), "image" (PIL image or path), "audio" (1-D
+    float array at 16 kHz or path), "video" (list of PIL frames or path); at most one of each.
+    Paths are decoded by lco_mini.media. Every row ends with the generation prompt."""
+    if not items:
+        raise ValueError("build_inputs: no items")
+    texts, media_lists = [], {"image": [], "video": [], "audio": []}
+    decode = {"image": media.load_image, "video": media.load_video, "audio": media.load_audio}
+    for item in items:
+        messages = [{"role": "user", "content": chat_content(item)}]
+        texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        for kind in MEDIA:
+            if item.get(kind) is not None:
+                media_lists[kind].append(decode[kind](item[kind]))
+    for kind, part in [("audio", "feature_extractor"), ("video", "video_processor")]:
+        if media_lists[kind] and getattr(processor, part, None) is None:
+            raise ValueError(f"{type(processor).__name__} takes no {kind}: use an Omni model for {kind} items")
+    processor.tokenizer.padding_side = "left"
+    kwargs = {"images": media_lists["image"], "videos": media_lists["video"], "audio": media_lists["audio"]}
+    kwargs = {name: value for name, value in kwargs.items() if value}  # processors reject empty lists
+    if media_lists["video"]:
+        kwargs.update(_video_kwargs(processor))
+    return processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+
+# ----------------------------------------------------------------------------- batch -> embeddings
+
+def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
+    """L2-normalised last-token embeddings of a batch from build_inputs. Keeps gradients.
+
+    layers="last": [N, D] from the last layer (after the final norm).
+    layers="all":  [L + 1, N, D], index 0 = the token embeddings (input of layer 1),
+                   index i = output of decoder layer i; index L is after the final norm,
+                   i.e. equal to layers="last".
+    Runs the decoder without lm_head (`model.model`), so no [N, T, vocab] logits are computed,
+    except on transformers releases whose `model.model` takes no pixels (see below)."""
+    if layers not in ("last", "all"):
+        raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    mask = inputs["attention_mask"]
+
+    def pool(hidden):  # pool in the model's dtype, normalise in fp32 (a bf16 norm is off by ~1e-3)
+        return F.normalize(kernels.pool(hidden, mask, mode="last", normalize=False).float(), dim=-1)
+
+    decoder = _multimodal_decoder(model)
+    if decoder is None:  # no lm_head-free module that takes pixels: run the whole model
+        out = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
+        hidden = out.hidden_states
+        return pool(hidden[-1]) if layers == "last" else torch.stack([pool(h) for h in hidden])
+    out = decoder(**inputs, use_cache=False, output_hidden_states=layers == "all", return_dict=True)
+    if layers == "last":
+        return pool(out.last_hidden_state)
+    return torch.stack([pool(h) for h in out.hidden_states])
+
+
+def _multimodal_decoder(model):
+    """`model.model` when it is the full multimodal stack without lm_head (transformers 5:
+    Qwen2VLModel, Qwen2_5OmniThinkerModel, LlavaModel, ...), else None. Older releases
+    made the thinker's `.model` the text-only decoder, which takes no pixels or audio."""
+    decoder = getattr(model, "model", None)
+    if decoder is None:
+        return None
+    accepted = inspect.signature(decoder.forward).parameters
+    return decoder if "pixel_values" in accepted or "input_features" in accepted else None
+
+
+def _length_key(item: dict):
+    """Sort key that groups items of one kind and similar length, so batches pad little."""
+    return tuple(item.get(k) is not None for k in MEDIA), len(item.get("text") or "")
+
+
+class Embedder:
+    """Inference: items in, L2-normalised float32 CPU embeddings out ([N, D] or [L + 1, N, D]).
+
+    Items are sorted by kind and length before batching (less padding) and returned in input
+    order; batching cannot change an embedding (left padding, see the module docstring)."""
+
+    def __init__(self, model, processor, batch_size: int = 16, device=None, progress: bool = True):
+        self.model = model if device is None else model.to(device)
+        self.processor, self.batch_size, self.progress = processor, batch_size, progress
+        processor.tokenizer.padding_side = "left"
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, adapter=None, device=None, dtype=None, **kwargs) -> "Embedder":
+        """Load a backbone (see `load`), optionally with a LoRA adapter folder saved by lco_mini.lora."""
+        model, processor = load(name_or_path, device=device, dtype=dtype)
+        if adapter is not None:
+            from lco_mini.lora import load_adapter  # lazy: only adapters need it
+            load_adapter(model, adapter)
+            model.to(next(model.parameters()).device)  # new LoRA weights follow the base weights
+        return cls(model, processor, **kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    def embed(self, items: list[dict], layers: str = "last") -> torch.Tensor:
+        """Embeddings of `items` (dicts as for build_inputs), in input order."""
+        if layers not in ("last", "all"):
+            raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
+        if not items:
+            n_layers = self.model.config.get_text_config().num_hidden_layers
+            return torch.zeros((0, self.dim) if layers == "last" else (n_layers + 1, 0, self.dim))
+        order = sorted(range(len(items)), key=lambda i: _length_key(items[i]))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rows = [None] * len(items)
+        was_training = self.model.training
+        self.model.eval()  # no dropout at inference
+        try:
+            with torch.inference_mode():
+                for batch in tqdm(batches, desc="embedding", unit="batch",
+                                  disable=not self.progress or len(batches) < 2):
+                    inputs = build_inputs(self.processor, [items[i] for i in batch])
+                    embeddings = embed_batch(self.model, inputs, layers).float().cpu()
+                    for j, i in enumerate(batch):
+                        rows[i] = embeddings[..., j, :]
+        finally:
+            self.model.train(was_training)
+        return torch.stack(rows, dim=-2)
+
+    def embed_texts(self, texts: list[str], layers: str = "last") -> torch.Tensor:
+        return self.embed([{"text": t} for t in texts], layers)
+
+    def embed_images(self, images: list, layers: str = "last") -> torch.Tensor:
+        return self.embed([{"image": x} for x in images], layers)
+
+    def embed_audios(self, audios: list, layers: str = "last") -> torch.Tensor:
+        return self.embed([{"audio": x} for x in audios], layers)
+
+    def embed_videos(self, videos: list, layers: str = "last") -> torch.Tensor:
+        return self.embed([{"video": x} for x in videos], layers)
+
+    def embed_interleaved(self, pairs: list[tuple], layers: str = "last") -> torch.Tensor:
+        """(image, text) pairs: the image, then the text, then the instruction, in one turn."""
+        return self.embed([{"image": image, "text": text} for image, text in pairs], layers)
