@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 
 from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, tiny, world
 from lco_mini.kernels import infonce
@@ -298,7 +299,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         say(f"pretrain: {base} is complete, skipping")
         return base
     if args.model == "tiny":
-        init = tiny.build_tiny(out / "init", seed=args.seed, size=args.tiny_size)
+        init = tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
         model, processor = backbone.load(init, device=device)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
@@ -342,12 +343,12 @@ def contrastive_source(args):
 
 def run_contrastive(args, device, base: Path, out: Path, name: str = "contrastive"):
     """Stage 2: text-only InfoNCE with LoRA on the language model. Returns the merged model."""
+    source = contrastive_source(args)  # validate the data before spending time on the model
     model, processor = backbone.load(base, device=device)
     lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     if device.type == "cuda":
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA-only training: checkpointed blocks need a grad-requiring input
-    source = contrastive_source(args)
     candidates = args.batch_size * (1 + args.hard_negatives)
     micro = f" (GradCache micro-batch {args.micro_batch})" if args.micro_batch else ""
     say(f"{name}: global batch {args.batch_size} pairs -> {candidates} candidates per anchor{micro}")
@@ -394,6 +395,8 @@ def check_output_folder(args, out: Path) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
+    transformers.utils.logging.disable_progress_bar()  # our own log lines say what is happening
+    transformers.utils.logging.set_verbosity_error()
     device, rank, world_size = distributed.setup(args.device)
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed)
@@ -423,7 +426,7 @@ def main(argv=None) -> None:
         runs["(a) base"] = backbone.load(base, device=device)
         runs["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
-            init = tiny.build_tiny(out / "init", seed=args.seed, size=args.tiny_size)
+            init = tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
             runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, name="control")
         evaluate_models(args, device, out, runs)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "

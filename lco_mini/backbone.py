@@ -153,12 +153,16 @@ def chat_content(item: dict) -> list[dict]:
     return [{"type": k} for k in kinds] + [{"type": "text", "text": prompt}]
 
 
-def build_inputs(processor, items: list[dict]):
+def build_inputs(processor, items: list[dict], targets: list[str] | None = None):
     """A left-padded BatchFeature (tensors on CPU) for `items`.
 
     Each item is a dict with any of "text" (str), "image" (PIL image or path), "audio" (1-D
     float array at 16 kHz or path), "video" (list of PIL frames or path); at most one of each.
-    Paths are decoded by lco_mini.media. Every row ends with the generation prompt."""
+    Paths are decoded by lco_mini.media. Every row ends with the generation prompt.
+
+    targets (generative training): row i continues with the assistant's answer targets[i]
+    and the end-of-turn token, and the batch gets `labels` = input_ids on the answer,
+    -100 elsewhere. Left padding makes this easy: the answer is the last tokens of each row."""
     if not items:
         raise ValueError("build_inputs: no items")
     texts, media_lists = [], {"image": [], "video": [], "audio": []}
@@ -173,11 +177,37 @@ def build_inputs(processor, items: list[dict]):
         if media_lists[kind] and getattr(processor, part, None) is None:
             raise ValueError(f"{type(processor).__name__} takes no {kind}: use an Omni model for {kind} items")
     processor.tokenizer.padding_side = "left"
+    if targets is not None:
+        answers = [target + END_OF_TURN for target in _check_targets(targets, items)]
+        texts = [text + answer for text, answer in zip(texts, answers)]
     kwargs = {"images": media_lists["image"], "videos": media_lists["video"], "audio": media_lists["audio"]}
     kwargs = {name: value for name, value in kwargs.items() if value}  # processors reject empty lists
     if media_lists["video"]:
         kwargs.update(_video_kwargs(processor))
-    return processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+    batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+    if targets is not None:
+        batch["labels"] = _answer_labels(processor.tokenizer, batch["input_ids"], answers)
+    return batch
+
+
+END_OF_TURN = "<|im_end|>"  # the chat templates of every supported family close a turn with it
+
+
+def _check_targets(targets, items) -> list[str]:
+    if len(targets) != len(items) or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise ValueError("targets must be one non-empty string per item")
+    return targets
+
+
+def _answer_labels(tokenizer, input_ids: torch.Tensor, answers: list[str]) -> torch.Tensor:
+    """labels: the answer's token ids at the end of each row, -100 (not scored) elsewhere."""
+    labels = torch.full_like(input_ids, -100)
+    for row, answer in enumerate(answers):
+        ids = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        if not torch.equal(input_ids[row, -len(ids):], ids):  # the answer must tokenize on its own
+            raise ValueError(f"answer {answer!r} tokenizes differently after the prompt")
+        labels[row, -len(ids):] = ids
+    return labels
 
 
 # ----------------------------------------------------------------------------- batch -> embeddings

@@ -138,6 +138,14 @@ TINY_SIZE = dict(
     audio_d_model=128, audio_layers=2, audio_heads=4,        # audio tower
 )
 
+# Size presets for train.py --tiny-size: "smoke" is for tests that train end to end in seconds.
+SIZES = {
+    "default": TINY_SIZE,
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=128, vision_hidden_size=32, vision_depth=2, vision_heads=2,
+                  audio_d_model=32, audio_layers=2, audio_heads=2),
+}
+
 
 def _mrope_section(head_dim: int) -> list[int]:
     """Split the rotary frequencies among (time, height, width) like the real model:

@@ -242,3 +242,20 @@ def test_whole_model_fallback_matches_decoder_path(loaded, monkeypatch):
         monkeypatch.setattr(backbone, "_multimodal_decoder", lambda m: None)
         whole = embed_batch(model, batch, layers="all")
     torch.testing.assert_close(whole, direct, atol=ATOL, rtol=0)
+
+
+def test_generative_targets_label_only_the_answer(omni_dir):
+    """build_inputs(targets=...) scores exactly the answer tokens + end of turn, for every row."""
+    from lco_mini import backbone
+    model, processor = backbone.load(omni_dir, device="cpu")
+    from PIL import Image
+    items = [{"text": "a red circle"}, {"image": Image.new("RGB", (64, 64), (200, 30, 30))}]
+    targets = ["a red circle on the left", "red"]
+    batch = backbone.build_inputs(processor, items, targets=targets)
+    tok = processor.tokenizer
+    for row, target in enumerate(targets):
+        scored = batch["input_ids"][row][batch["labels"][row] != -100]
+        assert tok.decode(scored) == target + "<|im_end|>"
+        assert (batch["labels"][row] != -100).sum() == len(tok(target + "<|im_end|>", add_special_tokens=False)["input_ids"])
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert logits.shape[:2] == batch["input_ids"].shape

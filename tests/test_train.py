@@ -1,0 +1,191 @@
+"""train.py end to end on the smoke-size tiny model: both stages, evaluation, outputs,
+resume after SIGKILL, data errors, NaN handling, and GradCache = full-batch loss."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from lco_mini import backbone, lora, tiny  # noqa: E402
+
+SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
+
+
+def run_train(args, timeout=300, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "6", "--steps", "4", "--eval-n", "12",
+                        "--ckpt-every", "3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_smoke_run_writes_everything_and_evaluates(smoke_run):
+    out, stdout = smoke_run
+    for folder in ["base", "adapter", "merged"]:
+        assert (out / folder).is_dir(), folder
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    config = json.loads((out / "config.json").read_text())
+    assert config["temperature"] == 0.03 and config["steps"] == 4
+    results = json.loads((out / "eval.json").read_text())
+    assert set(results) == {"(a) base", "(b) text-only CL", "(c) control: CL, no pretrain"}
+    for run in results.values():
+        assert set(run) == {"text->text", "image->text", "video->text", "audio->text", "document->text"}
+        for scores in run.values():
+            assert 0 <= scores["R@1"] <= scores["R@5"] <= 1 and scores["n"] == 12
+    assert "16 cands/anchor" in stdout  # batch 8 x (1 positive + 1 hard negative)
+    assert "held-out retrieval" in stdout and "image->text" in stdout
+
+
+def test_merged_equals_base_plus_adapter_also_in_peft(smoke_run):
+    """The three ways to use the result give the same embeddings: merged folder,
+    base + our adapter, base + the adapter loaded by peft."""
+    import peft
+
+    out, _ = smoke_run
+    texts = ["a red circle on the left", "a low whistle, flat, pulsing"]
+    merged = backbone.Embedder.from_pretrained(out / "merged", device="cpu", progress=False).embed_texts(texts)
+    ours = backbone.Embedder.from_pretrained(out / "base", adapter=out / "adapter", device="cpu",
+                                             progress=False).embed_texts(texts)
+    model, processor = backbone.load(out / "base", device="cpu")
+    peft_model = peft.PeftModel.from_pretrained(model, out / "adapter").eval()
+    theirs = backbone.Embedder(peft_model.base_model.model, processor, progress=False).embed_texts(texts)
+    torch.testing.assert_close(ours, merged, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs, merged, atol=1e-5, rtol=0)
+    assert not torch.allclose(merged, backbone.Embedder(*backbone.load(out / "base", device="cpu"),
+                                                        progress=False).embed_texts(texts))  # CL changed it
+
+
+def test_existing_run_is_not_overwritten(smoke_run):
+    out, _ = smoke_run
+    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "1", "--steps", "1"])
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+
+
+def test_bad_jsonl_is_reported_before_training(smoke_run, tmp_path):
+    out, _ = smoke_run
+    bad = tmp_path / "pairs.jsonl"
+    good = {"anchor": {"text": "a"}, "positive": {"text": "b"}, "negative": {"text": "c"}}
+    bad.write_text(json.dumps(good) + "\n{broken\n")
+    result = run_train(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(bad),
+                        "--out", str(tmp_path / "o"), "--steps", "1"])
+    assert result.returncode == 2
+    assert "line 2: not valid JSON" in result.stderr and str(bad) in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"anchor": {"image_path": "nope.png"}, "positive": {"text": "b"}}) + "\n")
+    result = run_train(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(missing),
+                        "--out", str(tmp_path / "o2"), "--steps", "1", "--hard-negatives", "0"])
+    assert result.returncode == 2 and "line 1" in result.stderr and "nope.png" in result.stderr
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=False)["step"]
+    except Exception:  # not written yet
+        return 0
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "10", "--ckpt-every", "2"]
+    full = run_train([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = torch.load(tmp_path / "full" / "pretrain.ckpt.pt", weights_only=False)["losses"]
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while checkpoint_step(out / "pretrain.ckpt.pt") < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = checkpoint_step(out / "pretrain.ckpt.pt")
+    assert 4 <= killed_at < 10, f"the run was not interrupted mid-training (checkpoint at step {killed_at})"
+
+    resumed = run_train([*args, "--out", str(out), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {out / 'pretrain.ckpt.pt'} at step" in resumed.stdout
+    losses = torch.load(out / "pretrain.ckpt.pt", weights_only=False)["losses"]
+    assert len(losses) == 10
+    assert losses == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smoke_model(tmp_path_factory):
+    folder = tiny.build_tiny(tmp_path_factory.mktemp("init"), seed=0, **tiny.SIZES["smoke"])
+    return backbone.load(folder, device="cpu")
+
+
+def test_contrastive_loss_decreases_on_a_fixed_batch(smoke_model):
+    model, processor = smoke_model
+    lora.add_lora(model, r=8, lora_alpha=16, lora_dropout=0.0)
+    args = train.get_args(["--batch-size", "12"])
+    triples = train.world_pair_examples(12, seed=3, multimodal_ratio=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        losses.append(train.contrastive_loss(model, processor, triples, args, torch.device("cpu")).item())
+        optimizer.step()
+        optimizer.zero_grad()
+    lora.merge_lora(model)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gradcache_gives_the_full_batch_loss_and_gradients(tmp_path):
+    """Micro-batches with GradCache = one big batch: same loss, same gradients."""
+    folder = tiny.build_tiny(tmp_path / "m", seed=0, **tiny.SIZES["smoke"])
+    model, processor = backbone.load(folder, device="cpu")
+    lora.add_lora(model, r=4, lora_alpha=8, lora_dropout=0.0)
+    torch.manual_seed(0)
+    for layer in lora.lora_layers(model):
+        torch.nn.init.normal_(layer[1].lora_B.weight, std=0.02)  # non-zero B: gradients reach A too
+    triples = train.world_pair_examples(6, seed=1, multimodal_ratio=0.0)
+    results = []
+    for micro in (0, 5):
+        args = train.get_args(["--micro-batch", str(micro)])
+        loss = train.contrastive_loss(model, processor, triples, args, torch.device("cpu"))
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        results.append((loss, grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    for full, cached in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(full, cached, atol=1e-5, rtol=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = torch.nn.Linear(3, 1)
+    args = train.get_args(["--out", str(tmp_path), "--ckpt-every", "2", "--warmup", "1"])
+    ckpt = tmp_path / "x.ckpt.pt"
+
+    def loss_fn(step):
+        loss = model(torch.ones(1, 3)).sum() * (math.nan if step == 3 else 1.0)
+        loss.backward()
+        return loss.detach()
+
+    with pytest.raises(train.TrainingError, match="loss became nan at step 3"):
+        train.train_loop("x", model, 6, 1e-2, loss_fn, args, ckpt)
+    assert torch.load(ckpt, weights_only=False)["step"] == 2  # the good checkpoint survived
+
+
+def test_lr_schedule_warms_up_then_decays():
+    lrs = [train.get_lr(s, 1.0, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
