@@ -24,10 +24,15 @@ merged/ (what `python embed.py` uses by default), eval.json, config.json, *.ckpt
 """
 from __future__ import annotations
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning. On a small CPU that is shared with anything
+# else (a second process, a test runner) spinning threads made every op up to 30x slower here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -110,12 +115,27 @@ def batch_seed(args, stage: str, step: int) -> int:
     return (args.seed * 1_000_003 + {"pretrain": 1, "contrastive": 2}[stage]) * 1_000_003 + step
 
 
+def summary(item) -> str:
+    """The answer to "Summarize the above ... in one word:" for a world item.
+
+    The canonical caption with its content first: "red circle on the left", not "a red
+    circle ...", and for a document just its word. What matters is the first answer
+    token: the last prompt position (the one that becomes the embedding) is trained to
+    predict it, so it must be about the content. With a leading "a" for every item that
+    position learned one constant and contrastive learning could barely move it.
+    """
+    if item.modality == "document":
+        return item.attributes["word"]
+    words = item.captions[0].split(" ", 1)
+    return words[1] if words[0] in ("a", "an", "the") and len(words) == 2 else item.captions[0]
+
+
 def world_caption_examples(n: int, seed: int) -> list[tuple[dict, str]]:
     """(input item, target text) pairs for the tiny model's generative pretraining.
 
-    Every modality, and text, is trained to produce the same canonical caption after
-    the embedding prompt ("Summarize the above ... in one word:"). This is where the
-    cross-modal alignment that contrastive learning later exploits comes from.
+    Every modality, and text (any paraphrase), is trained to produce the same summary
+    after the embedding prompt ("Summarize the above ... in one word:"). This is where
+    the cross-modal alignment that contrastive learning later exploits comes from.
     """
     rng = random.Random(seed)
     counts = {m: int(round(share * n)) for m, share in PRETRAIN_MIX.items()}
@@ -127,9 +147,9 @@ def world_caption_examples(n: int, seed: int) -> list[tuple[dict, str]]:
         source = rng.choice(["image", "video", "audio", "document"]) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
             if modality == "text":
-                examples.append(({"text": rng.choice(item.captions)}, item.captions[0]))
+                examples.append(({"text": rng.choice(item.captions)}, summary(item)))
             else:
-                examples.append(({MEDIA_KEY[modality]: item.media}, item.captions[0]))
+                examples.append(({MEDIA_KEY[modality]: item.media}, summary(item)))
     rng.shuffle(examples)
     return examples
 
