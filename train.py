@@ -60,6 +60,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 1200; real: 0 unless --pretrain-data)")
     p.add_argument("--pretrain-batch", type=int, default=32, help="sequences per generative step")
     p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 2e-3, real: 1e-4)")
+    p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
+                   help="tiny pretraining tasks: generic describe/rephrase instructions, or the embedding prompt itself")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
@@ -130,12 +132,21 @@ def summary(item) -> str:
     return words[1] if words[0] in ("a", "an", "the") and len(words) == 2 else item.captions[0]
 
 
-def world_caption_examples(n: int, seed: int) -> list[tuple[dict, str]]:
+# Generic instruction-tuning tasks, as a real MLLM sees in pretraining: none of them is the
+# embedding prompt, so the base model has never been asked to "summarize in one word".
+DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
+            "audio": "Describe the above audio.", "document": "What does the above image say?",
+            "text": "Rephrase the above text."}
+
+
+def world_caption_examples(n: int, seed: int, task: str = "describe") -> list[tuple[dict, str]]:
     """(input item, target text) pairs for the tiny model's generative pretraining.
 
-    Every modality, and text (any paraphrase), is trained to produce the same summary
-    after the embedding prompt ("Summarize the above ... in one word:"). This is where
-    the cross-modal alignment that contrastive learning later exploits comes from.
+    task="describe": captioning / OCR / paraphrasing with generic instructions (DESCRIBE),
+    the target a random paraphrase of the item's caption. task="summary": every modality
+    is trained to answer the embedding prompt itself with the item's summary (an ablation).
+    Either way image, audio and video learn to produce the *language* of their captions:
+    the cross-modal alignment that contrastive learning later exploits comes from here.
     """
     rng = random.Random(seed)
     counts = {m: int(round(share * n)) for m, share in PRETRAIN_MIX.items()}
@@ -146,10 +157,11 @@ def world_caption_examples(n: int, seed: int) -> list[tuple[dict, str]]:
             continue
         source = rng.choice(["image", "video", "audio", "document"]) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
-            if modality == "text":
-                examples.append(({"text": rng.choice(item.captions)}, summary(item)))
+            inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
+            if task == "summary":
+                examples.append((inputs, summary(item)))
             else:
-                examples.append(({MEDIA_KEY[modality]: item.media}, summary(item)))
+                examples.append(({**inputs, "instruction": DESCRIBE[modality]}, rng.choice(item.captions)))
     rng.shuffle(examples)
     return examples
 
@@ -323,7 +335,8 @@ def run_pretrain(args, device, out: Path) -> Path:
         model, processor = backbone.load(init, device=device)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
-        source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step))
+        source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
+                                                     args.pretrain_task)
     else:
         if not args.pretrain_data:
             raise TrainingError("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")

@@ -136,15 +136,20 @@ def load(name_or_path, device=None, dtype=None):
 # ----------------------------------------------------------------------------- prompts -> batch
 
 def chat_content(item: dict) -> list[dict]:
-    """The user turn for one item: its media placeholders, then the text + instruction."""
-    unknown = set(item) - {"text", *MEDIA}
+    """The user turn for one item: its media placeholders, then the text + instruction.
+
+    The instruction is the paper's embedding prompt, unless the item carries its own
+    "instruction" (generative training uses other tasks, e.g. "Describe the above image.")."""
+    unknown = set(item) - {"text", "instruction", *MEDIA}
     if unknown:
         raise ValueError(f"unknown item keys {sorted(unknown)}; expected any of text, image, audio, video")
     kinds = [k for k in MEDIA if item.get(k) is not None]
     text = item.get("text")
-    if not kinds:
-        if not isinstance(text, str):
-            raise ValueError(f"item has nothing to embed: {item!r}")
+    if not kinds and not isinstance(text, str):
+        raise ValueError(f"item has nothing to embed: {item!r}")
+    if item.get("instruction"):
+        prompt = f"{text or ''}\n{item['instruction']}"
+    elif not kinds:
         prompt = PROMPTS["text"].format(text=text)
     elif not text and len(kinds) == 1:
         prompt = PROMPTS[kinds[0]]
