@@ -162,6 +162,9 @@ def main(argv=None) -> None:
     check_model(args.model, args.adapter)
 
     from lco_mini.backbone import Embedder  # imports torch + transformers: only once the inputs are known good
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a tiny model loads in a blink; keep the output clean
 
     try:
         embedder = Embedder.from_pretrained(args.model, adapter=args.adapter, device=args.device,

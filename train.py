@@ -57,16 +57,16 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
-    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 1200; real: 0 unless --pretrain-data)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 400; real: 0 unless --pretrain-data)")
     p.add_argument("--pretrain-batch", type=int, default=32, help="sequences per generative step")
-    p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 2e-3, real: 1e-4)")
+    p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
     p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
                    help="tiny pretraining tasks: generic describe/rephrase instructions, or the embedding prompt itself")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
-    p.add_argument("--steps", type=int, default=None, help="contrastive steps (tiny default: 150)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per step, across all processes (the paper: 1056)")
+    p.add_argument("--steps", type=int, default=None, help="contrastive steps (tiny: 60; real: 1000)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per step, across all processes (the paper: 1056)")
     p.add_argument("--micro-batch", type=int, default=0,
                    help="items per forward pass with GradCache; 0 = the whole batch at once. "
                         "Unlike gradient accumulation this keeps every in-batch negative")
@@ -87,15 +87,15 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--no-control", action="store_true", help="skip the random-init control run (tiny only)")
     p.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
-    p.add_argument("--ckpt-every", type=int, default=100, help="write a checkpoint every N steps")
+    p.add_argument("--ckpt-every", type=int, default=50, help="write a checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--tiny-size", default="default", choices=sorted(tiny.SIZES),
                    help="size preset of the tiny model (smoke = for tests)")
     args = p.parse_args(argv)
     is_tiny = args.model == "tiny"
-    defaults = dict(pretrain_steps=1200 if is_tiny else 0, pretrain_lr=2e-3 if is_tiny else 1e-4,
-                    steps=150 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
+    defaults = dict(pretrain_steps=400 if is_tiny else 0, pretrain_lr=4e-4 if is_tiny else 1e-4,
+                    steps=60 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
                     lora_r=16 if is_tiny else 64, lora_alpha=32 if is_tiny else 128)
     for key, value in defaults.items():
         if getattr(args, key) is None:

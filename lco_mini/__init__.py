@@ -1,11 +1,16 @@
 """lco_mini: a minimal, readable implementation of LCO-Emb (language-centric omnimodal embeddings).
 
 Modules (one idea per file):
-  lora      hand-written LoRA with peft-compatible adapter files
-  kernels   InfoNCE and pooling: reference, chunked PyTorch, fused Triton
-  media     decoding images, audio and video files
-  tiny      the embedded tiny Qwen2.5-Omni-thinker-shaped default model
-  backbone  loading an MLLM and turning prompted inputs into embeddings
-  world     the synthetic omnimodal world the tiny model learns from
-  data      the any2any jsonl dataset
+  lora           hand-written LoRA with peft-compatible adapter files
+  kernels        InfoNCE and pooling: reference, chunked PyTorch, fused Triton
+  kernels_bench  the CPU benchmark and the GPU report of those kernels
+  media          decoding images, audio and video files
+  tiny           the embedded tiny Qwen2.5-Omni-thinker-shaped default model
+  backbone       loading an MLLM and turning prompted inputs into embeddings
+  world          the synthetic omnimodal world the tiny model learns from
+  data           the any2any jsonl dataset
+  checkpoint     crash-safe checkpoints (atomic writes, RNG state)
+  distributed    torchrun / DDP and cross-device negatives
+  analysis       retrieval metrics
+  evaluation     held-out retrieval on the synthetic world
 """

@@ -259,3 +259,14 @@ def test_generative_targets_label_only_the_answer(omni_dir):
         assert (batch["labels"][row] != -100).sum() == len(tok(target + "<|im_end|>", add_special_tokens=False)["input_ids"])
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_instruction_replaces_the_embedding_prompt():
+    """Generative pretraining asks other questions than the embedding prompt."""
+    from lco_mini import backbone
+    assert backbone.chat_content({"image": "x.png", "instruction": "Describe the above image."}) == [
+        {"type": "image"}, {"type": "text", "text": "\nDescribe the above image."}]
+    assert backbone.chat_content({"text": "a red circle", "instruction": "Rephrase the above text."})[-1] == {
+        "type": "text", "text": "a red circle\nRephrase the above text."}
+    assert backbone.chat_content({"text": "a red circle"})[-1]["text"] == (
+        "a red circle\nSummarize the above text in one word:")

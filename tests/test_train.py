@@ -189,3 +189,18 @@ def test_lr_schedule_warms_up_then_decays():
     lrs = [train.get_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_pretraining_examples_use_generic_instructions_not_the_embedding_prompt():
+    examples = train.world_caption_examples(40, seed=0, task="describe")
+    assert len(examples) == 40
+    for item, target in examples:
+        assert item["instruction"] in train.DESCRIBE.values() and "one word" not in item["instruction"]
+        assert target.strip()
+    kinds = {next(k for k in ("image", "video", "audio", "text") if k in item) for item, _ in examples}
+    assert kinds == {"image", "video", "audio", "text"}
+    summaries = train.world_caption_examples(40, seed=0, task="summary")
+    assert all("instruction" not in item for item, _ in summaries)
+    assert not any(t.startswith(("a ", "an ")) for _, t in summaries)  # content first
+    again = train.world_caption_examples(40, seed=0)  # deterministic per seed
+    assert [(sorted(i), t) for i, t in again] == [(sorted(i), t) for i, t in examples]
