@@ -1,7 +1,7 @@
 """Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
 language-centric (text-only) contrastive learning with LoRA.
 
-    python train.py                                   # tiny default, both stages + evaluation, CPU, minutes
+    python train.py                                   # tiny default, both stages + evaluation (7.4 min on a 2-core CPU)
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
@@ -10,10 +10,11 @@ language-centric (text-only) contrastive learning with LoRA.
     torchrun --nproc_per_node 8 train.py --model Qwen/Qwen2.5-Omni-3B --stage contrastive --data pairs.jsonl
 
 What happens, top to bottom:
-  1. pretrain     next-token training. For the tiny default: captioning of the synthetic world's
-                  images, videos, sounds and documents (and paraphrase -> canonical caption for
-                  text), from scratch. For a real backbone: continual generative pretraining with
-                  LoRA on --pretrain-data (input = anchor side, target = positive text).
+  1. pretrain     next-token training. For the tiny default, from scratch: describing the synthetic
+                  world's images, videos and sounds, reading its documents, rephrasing its
+                  captions (generic instructions, never the embedding prompt). For a real backbone:
+                  continual generative pretraining with LoRA on --pretrain-data
+                  (input = anchor side, target = positive text).
   2. contrastive  InfoNCE (tau = 0.03) on TEXT pairs only (paraphrase positive + hard negative),
                   LoRA on the language model. Image, audio and video are never seen here.
   3. evaluate     held-out retrieval for (a) the base model, (b) after contrastive learning and,
@@ -414,16 +415,21 @@ def evaluate_models(args, device, out: Path, runs: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
+STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
+                 "contrastive": ["adapter", "merged", "contrastive.ckpt.pt", "control.ckpt.pt"]}
+
+
 def check_output_folder(args, out: Path) -> None:
-    """Never silently overwrite an earlier run (that would be lost work)."""
-    if (out / "config.json").exists() and not (args.resume or args.overwrite):
-        raise TrainingError(f"{out}/ already holds a run: pass --resume to continue it, "
-                            f"--overwrite to replace it, or --out to write elsewhere")
+    """Never silently overwrite what an earlier run wrote (that would be lost work)."""
+    stages = ["pretrain", "contrastive"] if args.stage == "all" else [args.stage]
+    existing = [name for stage in stages for name in STAGE_OUTPUTS[stage] if (out / name).exists()]
+    if existing and not (args.resume or args.overwrite):
+        raise TrainingError(f"{out}/ already holds a run ({', '.join(existing)}): pass --resume to continue "
+                            f"it, --overwrite to replace it, or --out to write elsewhere")
     if args.overwrite and distributed.is_main():
-        for name in ["base", "init", "adapter", "merged"]:
-            shutil.rmtree(out / name, ignore_errors=True)
-        for ckpt in out.glob("*.ckpt.pt"):
-            ckpt.unlink()
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def main(argv=None) -> None:
@@ -461,7 +467,8 @@ def main(argv=None) -> None:
         if args.model == "tiny" and not args.no_control:
             init = tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
             runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, name="control")
-        evaluate_models(args, device, out, runs)
+        if distributed.is_main():  # every process holds the same merged weights: one evaluates
+            evaluate_models(args, device, out, runs)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
         f"Embed with: python embed.py --model {out / 'merged'} FILE")
     distributed.cleanup()

@@ -204,3 +204,16 @@ def test_pretraining_examples_use_generic_instructions_not_the_embedding_prompt(
     assert not any(t.startswith(("a ", "an ")) for _, t in summaries)  # content first
     again = train.world_caption_examples(40, seed=0)  # deterministic per seed
     assert [(sorted(i), t) for i, t in again] == [(sorted(i), t) for i, t in examples]
+
+
+def test_stage_by_stage_run_is_allowed_but_never_overwrites(tmp_path):
+    """--stage pretrain then --stage contrastive is the documented way to run stages separately."""
+    out = tmp_path / "o"
+    (out / "base").mkdir(parents=True)
+    args = train.get_args(["--stage", "contrastive", "--out", str(out)])
+    train.check_output_folder(args, out)  # only pretraining outputs exist: fine
+    (out / "merged").mkdir()
+    with pytest.raises(train.TrainingError, match=r"already holds a run \(merged\)"):
+        train.check_output_folder(args, out)
+    train.check_output_folder(train.get_args(["--stage", "contrastive", "--out", str(out), "--overwrite"]), out)
+    assert (out / "base").exists() and not (out / "merged").exists()
