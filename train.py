@@ -1,7 +1,7 @@
 """Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
 language-centric (text-only) contrastive learning with LoRA.
 
-    python train.py                                   # tiny default, both stages + evaluation (7.4 min on a 2-core CPU)
+    python train.py                                   # tiny default, both stages + evaluation (8.4 min on a 2-core CPU)
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
@@ -58,7 +58,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
-    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 400; real: 0 unless --pretrain-data)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 520; real: 0 unless --pretrain-data)")
     p.add_argument("--pretrain-batch", type=int, default=32, help="sequences per generative step")
     p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
     p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
@@ -95,7 +95,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="size preset of the tiny model (smoke = for tests)")
     args = p.parse_args(argv)
     is_tiny = args.model == "tiny"
-    defaults = dict(pretrain_steps=400 if is_tiny else 0, pretrain_lr=4e-4 if is_tiny else 1e-4,
+    defaults = dict(pretrain_steps=520 if is_tiny else 0, pretrain_lr=4e-4 if is_tiny else 1e-4,
                     steps=60 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
                     lora_r=16 if is_tiny else 64, lora_alpha=32 if is_tiny else 128)
     for key, value in defaults.items():
