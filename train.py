@@ -325,6 +325,14 @@ def save_model(model, processor, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
+def build_tiny_once(args, out: Path) -> Path:
+    """The randomly initialised tiny model (same seed: same weights), written by one process."""
+    if distributed.is_main():
+        tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
+    distributed.barrier()
+    return out / "init"
+
+
 def run_pretrain(args, device, out: Path) -> Path:
     """Stage 1: generative training. Returns the folder of the pretrained base model."""
     base = out / "base"
@@ -332,7 +340,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         say(f"pretrain: {base} is complete, skipping")
         return base
     if args.model == "tiny":
-        init = tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
+        init = build_tiny_once(args, out)
         model, processor = backbone.load(init, device=device)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
@@ -345,6 +353,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         say(f"pretrain: {len(pairs)} examples from {args.pretrain_data}" + (f", {bad} bad lines skipped" if bad else ""))
         model, processor = backbone.load(args.model, device=device)
         lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+        distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
         source = lambda step: [(p.anchor, p.positive["text"]) for p in
                                jsonl_examples(pairs, args.pretrain_batch, batch_seed(args, "pretrain", step))]
 
@@ -380,6 +389,7 @@ def run_contrastive(args, device, base: Path, out: Path, name: str = "contrastiv
     source = contrastive_source(args)  # validate the data before spending time on the model
     model, processor = backbone.load(base, device=device)
     lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
+    distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
     if device.type == "cuda":
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA-only training: checkpointed blocks need a grad-requiring input
@@ -465,7 +475,7 @@ def main(argv=None) -> None:
         runs["(a) base"] = backbone.load(base, device=device)
         runs["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
-            init = tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
+            init = build_tiny_once(args, out)
             runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, name="control")
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
             evaluate_models(args, device, out, runs)

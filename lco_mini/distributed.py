@@ -68,3 +68,12 @@ def average_gradients(params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= dist.get_world_size()
+
+
+def broadcast_from_main(params) -> None:
+    """Give every process rank 0's values (fresh LoRA weights are random: each process would
+    draw its own, and the averaged gradients would then update different models)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    for p in params:
+        dist.broadcast(p.data, src=0)
