@@ -60,12 +60,11 @@ def get_args(argv=None) -> argparse.Namespace:
 
 def decode_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, object]]:
     """(label, modality, decoded input) per input, files then texts; any bad input -> fail()."""
-    loaders = {"image": media.load_image, "audio": media.load_audio, "video": media.load_video}
     decoded = []
     for path in paths:
         try:
             modality = media.modality_of(path)
-            decoded.append((path, modality, loaders[modality](path)))
+            decoded.append((path, modality, media.LOADERS[modality](path)))
         except media.MediaError as e:  # its message already names the file
             fail(str(e))
     for i, text in enumerate(texts, 1):

@@ -59,6 +59,7 @@ PROMPTS = {
     "interleaved": "{text}\nSummarize the above in one word:",  # media + text (or several media)
 }
 MEDIA = ("image", "video", "audio")  # the order media take inside a turn
+END_OF_TURN = "<|im_end|>"  # the chat templates of every supported family close a turn with it
 
 # model_type in config.json -> class. A full Qwen2.5-Omni checkpoint ("qwen2_5_omni", thinker +
 # talker + token2wav) loads only its thinker: embeddings need no speech output.
@@ -171,13 +172,12 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None)
     if not items:
         raise ValueError("build_inputs: no items")
     texts, media_lists = [], {"image": [], "video": [], "audio": []}
-    decode = {"image": media.load_image, "video": media.load_video, "audio": media.load_audio}
     for item in items:
         messages = [{"role": "user", "content": chat_content(item)}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         for kind in MEDIA:
             if item.get(kind) is not None:
-                media_lists[kind].append(decode[kind](item[kind]))
+                media_lists[kind].append(media.LOADERS[kind](item[kind]))
     for kind, part in [("audio", "feature_extractor"), ("video", "video_processor")]:
         if media_lists[kind] and getattr(processor, part, None) is None:
             raise ValueError(f"{type(processor).__name__} takes no {kind}: use an Omni model for {kind} items")
@@ -193,9 +193,6 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None)
     if targets is not None:
         batch["labels"] = _answer_labels(processor.tokenizer, batch["input_ids"], answers)
     return batch
-
-
-END_OF_TURN = "<|im_end|>"  # the chat templates of every supported family close a turn with it
 
 
 def _check_targets(targets, items) -> list[str]:

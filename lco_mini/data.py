@@ -69,8 +69,7 @@ def parse_side(side: object, where: str, base_dir: Path) -> dict:
 
 def check_files(item: dict, where: str) -> None:
     """Decode every file an item names, so a broken file fails now and not mid-training."""
-    loaders = {"image": media.load_image, "audio": media.load_audio, "video": media.load_video}
-    for key, load in loaders.items():
+    for key, load in media.LOADERS.items():
         if key in item:
             try:
                 load(item[key])

@@ -270,6 +270,10 @@ def load_video(path_or_frames, max_frames: int = 16, max_pixels=None) -> list[Im
     return frames
 
 
+# modality -> its decoder with default settings, for callers that dispatch on modality_of()
+LOADERS = {"image": load_image, "audio": load_audio, "video": load_video}
+
+
 def _pick(items: list, max_count: int) -> list:
     """At most max_count items, evenly spread from the first to the last."""
     if len(items) <= max_count:
