@@ -157,7 +157,7 @@ def world_caption_examples(n: int, seed: int, task: str = "describe") -> list[tu
     for modality, count in counts.items():
         if count <= 0:
             continue
-        source = rng.choice(["image", "video", "audio", "document"]) if modality == "text" else modality
+        source = rng.choice(list(MEDIA_KEY)) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
             inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
             if task == "summary":
@@ -178,7 +178,7 @@ def world_pair_examples(n: int, seed: int, multimodal_ratio: float) -> list[tupl
     n_media = int(round(multimodal_ratio * n))
     triples = [({"text": a}, {"text": p}, {"text": h}) for a, p, h in world.text_pairs("train", n - n_media, seed)]
     for _ in range(n_media):
-        modality = rng.choice(["image", "video", "audio", "document"])
+        modality = rng.choice(list(MEDIA_KEY))
         item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
         triples.append(({MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
     rng.shuffle(triples)
@@ -193,8 +193,7 @@ def jsonl_examples(pairs: list, n: int, seed: int) -> list:
 
 def local_slice(examples: list) -> list:
     """This process's share of the global batch."""
-    size, rank = distributed.world_size(), (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0)
-    return examples[rank::size]
+    return examples[distributed.rank()::distributed.world_size()]
 
 
 # ----------------------------------------------------------------------------- losses
@@ -265,12 +264,11 @@ def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_loop(name: str, model, steps: int, peak_lr: float, loss_fn, args, ckpt_path: Path,
+def train_loop(name: str, model, steps: int, peak_lr: float, warmup: int, loss_fn, args, ckpt_path: Path,
                log_extra: str = "", items_per_step: int = 0, unit: str = "pairs") -> list[float]:
     """The one loop both stages share: lr schedule, step, clip, log, checkpoint, resume."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=args.weight_decay)
-    warmup = args.pretrain_warmup if name == "pretrain" else args.warmup
     start, losses = 0, []
     state = checkpoint.load(ckpt_path) if args.resume else None
     if state is not None:
@@ -363,7 +361,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         loss.backward()
         return loss.detach()
 
-    train_loop("pretrain", model, args.pretrain_steps, args.pretrain_lr, step_loss, args,
+    train_loop("pretrain", model, args.pretrain_steps, args.pretrain_lr, args.pretrain_warmup, step_loss, args,
                out / "pretrain.ckpt.pt", items_per_step=args.pretrain_batch, unit="seqs")
     if args.model != "tiny":
         model = lora.merge_lora(model)
@@ -385,9 +383,9 @@ def contrastive_source(args):
     return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step), args.multimodal_ratio)
 
 
-def run_contrastive(args, device, base: Path, out: Path, name: str = "contrastive"):
-    """Stage 2: text-only InfoNCE with LoRA on the language model. Returns the merged model."""
-    source = contrastive_source(args)  # validate the data before spending time on the model
+def run_contrastive(args, device, base: Path, out: Path, source, name: str = "contrastive"):
+    """Stage 2: text-only InfoNCE with LoRA on the language model, on the batches of
+    `source` (see contrastive_source). Returns the merged model and its processor."""
     model, processor = backbone.load(base, device=device)
     lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
@@ -403,7 +401,7 @@ def run_contrastive(args, device, base: Path, out: Path, name: str = "contrastiv
         with autocast:
             return contrastive_loss(model, processor, local_slice(source(step)), args, device)
 
-    train_loop(name, model, args.steps, args.lr, step_loss, args, out / f"{name}.ckpt.pt",
+    train_loop(name, model, args.steps, args.lr, args.warmup, step_loss, args, out / f"{name}.ckpt.pt",
                log_extra=f" | {candidates} cands/anchor", items_per_step=args.batch_size)
     if name == "contrastive" and distributed.is_main():
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(base))
@@ -459,6 +457,8 @@ def main(argv=None) -> None:
     say(f"device: {device} | processes: {world_size} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     t0 = time.time()
 
+    # read and validate the contrastive data once, before any training: a bad line fails now
+    source = contrastive_source(args) if args.stage != "pretrain" else None
     base = Path(args.model)
     if args.stage in ("pretrain", "all") and (args.model == "tiny" or args.pretrain_data):
         base = run_pretrain(args, device, out)
@@ -470,14 +470,14 @@ def main(argv=None) -> None:
         say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
         return
 
-    merged = run_contrastive(args, device, base, out)
+    merged = run_contrastive(args, device, base, out, source)
     runs = {}
     if not args.no_eval:
         runs["(a) base"] = backbone.load(base, device=device)
         runs["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
             init = build_tiny_once(args, out)
-            runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, name="control")
+            runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, source, name="control")
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
             evaluate_models(args, device, out, runs)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "

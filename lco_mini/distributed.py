@@ -32,7 +32,7 @@ def setup(device: str | None) -> tuple[torch.device, int, int]:
 
 
 def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return rank() == 0
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +43,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
     return torch.cat(parts)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:

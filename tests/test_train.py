@@ -181,7 +181,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         return loss.detach()
 
     with pytest.raises(train.TrainingError, match="loss became nan at step 3"):
-        train.train_loop("x", model, 6, 1e-2, loss_fn, args, ckpt)
+        train.train_loop("x", model, 6, 1e-2, args.warmup, loss_fn, args, ckpt)
     assert torch.load(ckpt, weights_only=False)["step"] == 2  # the good checkpoint survived
 
 
