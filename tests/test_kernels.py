@@ -368,18 +368,20 @@ else:
         a, p, n = embeddings(9, 4, 20, seed=15)
         assert K.infonce(a, p, n, backend="triton").item() == pytest.approx(K.infonce_chunked(a, p, n).item(), abs=1e-5)
 
+    def pooled_and_grad(hidden, mask, mode, normalize, grad_out, backend):
+        """pool's output and its gradient w.r.t. hidden for a given upstream gradient."""
+        h = hidden.clone().requires_grad_()
+        out = K.pool(h, mask, mode, normalize, backend=backend)
+        return out.detach(), torch.autograd.grad(out, h, grad_out)[0]
+
     @pytest.mark.parametrize("mode", ["last", "mean"])
     @pytest.mark.parametrize("side", ["left", "right"])
     @pytest.mark.parametrize("normalize", [True, False])
     def test_triton_pool_matches_reference(mode, side, normalize):
         hidden, mask, _ = padded(5, 37, 53, side, seed=16)
         grad_out = torch.randn(5, 53, generator=torch.Generator().manual_seed(17))
-        results = []
-        for backend in ("reference", "triton"):
-            h = hidden.clone().requires_grad_()
-            out = K.pool(h, mask, mode, normalize, backend=backend)
-            results.append((out.detach(), torch.autograd.grad(out, h, grad_out)[0]))
-        (ref, ref_grad), (out, grad) = results
+        (ref, ref_grad), (out, grad) = [pooled_and_grad(hidden, mask, mode, normalize, grad_out, backend)
+                                        for backend in ("reference", "triton")]
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
 
@@ -395,12 +397,8 @@ else:
         mask[3, 5:30] = 1
         mask[3, 17:21] = 0  # a gap
         grad_out = torch.randn(4, 37, generator=torch.Generator().manual_seed(21))
-        results = []
-        for backend in ("reference", "triton"):
-            h = hidden.clone().requires_grad_()
-            out = K.pool(h, mask, mode, True, backend=backend)
-            results.append((out.detach(), torch.autograd.grad(out, h, grad_out)[0]))
-        (ref, ref_grad), (out, grad) = results
+        (ref, ref_grad), (out, grad) = [pooled_and_grad(hidden, mask, mode, True, grad_out, backend)
+                                        for backend in ("reference", "triton")]
         torch.testing.assert_close(out, pool_by_loop(hidden, mask, mode, True), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
