@@ -113,6 +113,7 @@ def get_args(argv=None) -> argparse.Namespace:
 
 PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25}
 MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}
+WORLD_MEDIA = ("image", "video", "audio", "document")  # the order matters: rng.choice draws by index
 
 
 def batch_seed(args, stage: str, step: int) -> int:
@@ -157,7 +158,7 @@ def world_caption_examples(n: int, seed: int, task: str = "describe") -> list[tu
     for modality, count in counts.items():
         if count <= 0:
             continue
-        source = rng.choice(list(MEDIA_KEY)) if modality == "text" else modality
+        source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
             inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
             if task == "summary":
@@ -178,7 +179,7 @@ def world_pair_examples(n: int, seed: int, multimodal_ratio: float) -> list[tupl
     n_media = int(round(multimodal_ratio * n))
     triples = [({"text": a}, {"text": p}, {"text": h}) for a, p, h in world.text_pairs("train", n - n_media, seed)]
     for _ in range(n_media):
-        modality = rng.choice(list(MEDIA_KEY))
+        modality = rng.choice(WORLD_MEDIA)
         item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
         triples.append(({MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
     rng.shuffle(triples)
