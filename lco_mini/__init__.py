@@ -2,8 +2,9 @@
 
 Modules (one idea per file):
   lora           hand-written LoRA with peft-compatible adapter files
-  kernels        InfoNCE and pooling: reference, chunked PyTorch, fused Triton
-  kernels_bench  the CPU benchmark and the GPU report of those kernels
+  kernels        the InfoNCE loss: reference, chunked PyTorch, fused Triton
+  pooling        last-token / mean pooling + L2 norm: reference and Triton
+  kernels_bench  the CPU benchmark and the GPU report of both
   media          decoding images, audio and video files
   tiny           the embedded tiny Qwen2.5-Omni-thinker-shaped default model
   backbone       loading an MLLM and turning prompted inputs into embeddings

@@ -22,7 +22,7 @@ so a left-padded row starts at #pads; RoPE attention depends only on position
 differences, so that shift changes nothing beyond float rounding. Net effect: an
 item gets the same embedding alone or in any batch, in any order (tested at
 1e-5 in fp32 with the default SDPA attention, so no attn_implementation is
-forced). `kernels.pool(mode="last")` finds the last attended token for either
+forced). `pooling.pool(mode="last")` finds the last attended token for either
 padding side; left padding is what generation uses, and every processor here
 is forced to it.
 
@@ -48,7 +48,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from lco_mini import kernels, media
+from lco_mini import media, pooling
 
 # The paper's prompts, appended after the item inside the user turn.
 PROMPTS = {
@@ -230,7 +230,7 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
     mask = inputs["attention_mask"]
 
     def pool(hidden):  # pool in the model's dtype, normalise in fp32 (a bf16 norm is off by ~1e-3)
-        return F.normalize(kernels.pool(hidden, mask, mode="last", normalize=False).float(), dim=-1)
+        return F.normalize(pooling.pool(hidden, mask, mode="last", normalize=False).float(), dim=-1)
 
     decoder = _multimodal_decoder(model)
     if decoder is None:  # no lm_head-free module that takes pixels: run the whole model

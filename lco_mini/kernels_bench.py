@@ -1,4 +1,4 @@
-"""Benchmark and GPU report for lco_mini.kernels (InfoNCE and pooling); the library does not import this.
+"""Benchmark and GPU report for lco_mini.kernels (InfoNCE) and lco_mini.pooling; the library does not import this.
 
     python -m lco_mini.kernels_bench [--threads 1] [--big]       CPU: reference vs chunked InfoNCE (time, memory)
     python -m lco_mini.kernels_bench --gpu-report OUTDIR         CUDA: correctness + benchmarks -> OUTDIR/<gpu>.md/.csv
@@ -24,8 +24,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lco_mini.kernels import (TritonPool, _candidates, infonce_chunked, infonce_reference, infonce_triton,
-                              pool_reference, triton, triton_configs, triton_interprets)
+from lco_mini.kernels import (_candidates, infonce_chunked, infonce_reference, infonce_triton, triton,
+                              triton_configs, triton_interprets)
+from lco_mini.pooling import TritonPool, pool_reference
 
 CPU_SHAPES = [(1024, 0, 256), (1024, 3, 256), (4096, 0, 128), (2048, 7, 64), (4096, 7, 128)]  # (B, hard negatives per anchor, D)
 CPU_BIG_SHAPE = (65536, 0, 256)  # B = N = 65536: 16 GiB of fp32 logits

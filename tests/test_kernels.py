@@ -1,4 +1,4 @@
-"""Tests for lco_mini.kernels: InfoNCE (reference, chunked, Triton) and pooling (reference, Triton), and
+"""Tests for lco_mini.kernels (InfoNCE: reference, chunked, Triton) and lco_mini.pooling (reference, Triton), and
 for the GPU report of lco_mini.kernels_bench, run as a dry run on CPU from the command line.
 
 Every path is checked against an authority: the reference InfoNCE is F.cross_entropy over materialised
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini import kernels as K
+from lco_mini import pooling as P
 from lco_mini import kernels_bench as KB
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -253,34 +254,34 @@ def padded(B, T, D, side, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_pool_reference_matches_the_definition(mode, side, normalize):
     hidden, mask, _ = padded(6, 11, 13, side, seed=7)
-    torch.testing.assert_close(K.pool(hidden, mask, mode, normalize, backend="reference"),
+    torch.testing.assert_close(P.pool(hidden, mask, mode, normalize, backend="reference"),
                                pool_by_loop(hidden, mask, mode, normalize))
 
 
 def test_last_pooling_reads_the_last_real_token_for_either_padding_side():
     hidden, mask, lengths = padded(5, 9, 4, "left", seed=8)
-    torch.testing.assert_close(K.pool(hidden, mask, "last", False, backend="reference"), hidden[:, -1])
+    torch.testing.assert_close(P.pool(hidden, mask, "last", False, backend="reference"), hidden[:, -1])
     hidden, mask, lengths = padded(5, 9, 4, "right", seed=8)
-    torch.testing.assert_close(K.pool(hidden, mask, "last", False, backend="reference"), hidden[torch.arange(5), lengths - 1])
+    torch.testing.assert_close(P.pool(hidden, mask, "last", False, backend="reference"), hidden[torch.arange(5), lengths - 1])
 
 
 def test_pool_output_is_unit_norm_and_accepts_bool_masks():
     hidden, mask, _ = padded(4, 7, 9, "mixed", seed=9)
-    out = K.pool(hidden, mask.bool(), "mean", backend="reference")
+    out = P.pool(hidden, mask.bool(), "mean", backend="reference")
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(4))
-    torch.testing.assert_close(out, K.pool(hidden, mask, "mean", backend="reference"))
+    torch.testing.assert_close(out, P.pool(hidden, mask, "mean", backend="reference"))
 
 
 @pytest.mark.parametrize("mode", ["last", "mean"])
 def test_pool_reference_gradcheck_float64(mode):
     hidden, mask, _ = padded(3, 5, 4, "mixed", seed=10, dtype=torch.float64)
     hidden.requires_grad_()
-    assert torch.autograd.gradcheck(lambda h: K.pool(h, mask, mode, True, backend="reference"), (hidden,))
+    assert torch.autograd.gradcheck(lambda h: P.pool(h, mask, mode, True, backend="reference"), (hidden,))
 
 
 def test_pool_chunked_backend_means_the_reference():
     hidden, mask, _ = padded(3, 5, 4, "right", seed=11)
-    torch.testing.assert_close(K.pool(hidden, mask, "mean", backend="chunked"), K.pool_reference(hidden, mask, "mean"))
+    torch.testing.assert_close(P.pool(hidden, mask, "mean", backend="chunked"), P.pool_reference(hidden, mask, "mean"))
 
 
 @pytest.mark.parametrize("hidden, mask, mode, error, match", [
@@ -292,7 +293,7 @@ def test_pool_chunked_backend_means_the_reference():
 ])
 def test_pool_rejects_bad_inputs(hidden, mask, mode, error, match):
     with pytest.raises(error, match=match):
-        K.pool(hidden, mask, mode)
+        P.pool(hidden, mask, mode)
 
 
 # ----------------------------------------------------------------------------- Triton (interpreter)
@@ -304,7 +305,7 @@ if not TRITON_SESSION:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET|triton package"):
             K.infonce(a, p, backend="triton")
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET|triton package"):
-            K.pool(torch.zeros(1, 2, 3), torch.ones(1, 2), backend="triton")
+            P.pool(torch.zeros(1, 2, 3), torch.ones(1, 2), backend="triton")
 
     def test_triton_kernels_in_the_interpreter():
         """Runs this file's Triton tests in a child pytest with TRITON_INTERPRET=1 (see the docstring)."""
@@ -371,7 +372,7 @@ else:
     def pooled_and_grad(hidden, mask, mode, normalize, grad_out, backend):
         """pool's output and its gradient w.r.t. hidden for a given upstream gradient."""
         h = hidden.clone().requires_grad_()
-        out = K.pool(h, mask, mode, normalize, backend=backend)
+        out = P.pool(h, mask, mode, normalize, backend=backend)
         return out.detach(), torch.autograd.grad(out, h, grad_out)[0]
 
     @pytest.mark.parametrize("mode", ["last", "mean"])
@@ -405,8 +406,8 @@ else:
 
     def test_triton_pool_float64_and_bool_mask():
         hidden, mask, _ = padded(3, 17, 20, "mixed", seed=18, dtype=torch.float64)
-        torch.testing.assert_close(K.pool(hidden, mask.bool(), "mean", backend="triton"), pool_by_loop(hidden, mask, "mean", True))
+        torch.testing.assert_close(P.pool(hidden, mask.bool(), "mean", backend="triton"), pool_by_loop(hidden, mask, "mean", True))
 
     def test_triton_pool_rejects_empty_rows():
         with pytest.raises(ValueError, match="no attended token"):
-            K.pool(torch.zeros(2, 3, 4), torch.tensor([[0, 0, 0], [1, 0, 0]]), backend="triton")
+            P.pool(torch.zeros(2, 3, 4), torch.tensor([[0, 0, 0], [1, 0, 0]]), backend="triton")

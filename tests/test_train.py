@@ -48,6 +48,7 @@ def test_smoke_run_writes_everything_and_evaluates(smoke_run):
         assert set(run) == {"text->text", "image->text", "video->text", "audio->text", "document->text"}
         for scores in run.values():
             assert 0 <= scores["R@1"] <= scores["R@5"] <= 1 and scores["n"] == 12
+            assert 1 < scores["candidates"] <= 12
     assert "16 cands/anchor" in stdout  # batch 8 x (1 positive + 1 hard negative)
     assert "held-out retrieval" in stdout and "image->text" in stdout
 
