@@ -64,6 +64,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-warmup", type=int, default=3, help="generative warm-up steps")
     p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
                    help="tiny pretraining tasks: generic describe/rephrase instructions, or the embedding prompt itself")
+    p.add_argument("--pretrain-mix", type=parse_mix, default=dict(PRETRAIN_MIX), metavar="M=SHARE,...",
+                   help="tiny pretraining: the share of each modality, e.g. audio=0.35,text=0.25; unlisted "
+                        "modalities keep their default share, then all are rescaled to sum to 1 "
+                        f"(default: {','.join(f'{m}={v}' for m, v in PRETRAIN_MIX.items())})")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
@@ -116,6 +120,26 @@ MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "
 WORLD_MEDIA = ("image", "video", "audio", "document")  # the order matters: rng.choice draws by index
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """'audio=0.35,text=0.1' -> PRETRAIN_MIX with those shares replaced, rescaled to sum to 1."""
+    mix = dict(PRETRAIN_MIX)
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in mix:
+            raise argparse.ArgumentTypeError(f"unknown modality {name!r} in {text!r}; expected any of {', '.join(mix)}")
+        try:
+            mix[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not MODALITY=SHARE (SHARE a number)") from None
+        if not 0 <= mix[name] < float("inf"):
+            raise argparse.ArgumentTypeError(f"the share of {name} must be a finite number >= 0; got {value}")
+    total = sum(mix.values())
+    if total <= 0:
+        raise argparse.ArgumentTypeError("the pretraining mix is all zeros")
+    return {name: share / total for name, share in mix.items()}
+
+
 def batch_seed(args, stage: str, step: int) -> int:
     return (args.seed * 1_000_003 + {"pretrain": 1, "contrastive": 2}[stage]) * 1_000_003 + step
 
@@ -142,17 +166,19 @@ DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above v
             "text": "Rephrase the above text."}
 
 
-def world_caption_examples(n: int, seed: int, task: str = "describe") -> list[tuple[dict, str]]:
+def world_caption_examples(n: int, seed: int, task: str = "describe",
+                           mix: dict[str, float] = PRETRAIN_MIX) -> list[tuple[dict, str]]:
     """(input item, target text) pairs for the tiny model's generative pretraining.
 
     task="describe": captioning / OCR / paraphrasing with generic instructions (DESCRIBE),
     the target a random paraphrase of the item's caption. task="summary": every modality
     is trained to answer the embedding prompt itself with the item's summary (an ablation).
+    mix: the share of each modality ("text" = rephrasing a caption given as text input).
     Either way image, audio and video learn to produce the *language* of their captions:
     the cross-modal alignment that contrastive learning later exploits comes from here.
     """
     rng = random.Random(seed)
-    counts = {m: int(round(share * n)) for m, share in PRETRAIN_MIX.items()}
+    counts = {m: int(round(share * n)) for m, share in mix.items()}
     counts["text"] += n - sum(counts.values())
     examples = []
     for modality, count in counts.items():
@@ -345,7 +371,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
         source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
-                                                     args.pretrain_task)
+                                                     args.pretrain_task, args.pretrain_mix)
     else:
         if not args.pretrain_data:
             raise TrainingError("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")

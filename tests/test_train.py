@@ -218,3 +218,21 @@ def test_stage_by_stage_run_is_allowed_but_never_overwrites(tmp_path):
         train.check_output_folder(args, out)
     train.check_output_folder(train.get_args(["--stage", "contrastive", "--out", str(out), "--overwrite"]), out)
     assert (out / "base").exists() and not (out / "merged").exists()
+
+
+def test_pretrain_mix_flag_sets_shares_and_rejects_bad_input(capsys):
+    mix = train.get_args(["--pretrain-mix", "audio=0.45,document=0"]).pretrain_mix
+    assert set(mix) == set(train.PRETRAIN_MIX) and sum(mix.values()) == pytest.approx(1.0)
+    assert mix["document"] == 0 and mix["audio"] == pytest.approx(0.45 / 1.1)  # 0.25 + 0.15 + 0.45 + 0 + 0.25
+    assert mix["image"] / mix["text"] == pytest.approx(train.PRETRAIN_MIX["image"] / train.PRETRAIN_MIX["text"])
+    assert train.get_args([]).pretrain_mix == train.PRETRAIN_MIX
+    for bad, message in [("smell=0.2", "unknown modality 'smell'"), ("audio=lots", "is not MODALITY=SHARE"),
+                         ("audio=-1", "finite number >= 0"),
+                         ("image=0,video=0,audio=0,document=0,text=0", "all zeros")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.get_args(["--pretrain-mix", bad])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    only_audio = {m: float(m == "audio") for m in train.PRETRAIN_MIX}
+    examples = train.world_caption_examples(12, seed=0, mix=only_audio)
+    assert len(examples) == 12 and all("audio" in item and item["instruction"] == train.DESCRIBE["audio"]
+                                       for item, _ in examples)
