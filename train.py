@@ -68,6 +68,8 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="tiny pretraining: the share of each modality, e.g. audio=0.35,text=0.25; unlisted "
                         "modalities keep their default share, then all are rescaled to sum to 1 "
                         f"(default: {','.join(f'{m}={v}' for m, v in PRETRAIN_MIX.items())})")
+    p.add_argument("--pretrain-qa", type=float, default=0.0,
+                   help="tiny pretraining: share of image/video/audio examples that are one-attribute questions")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
@@ -159,21 +161,21 @@ def summary(item) -> str:
     return words[1] if words[0] in ("a", "an", "the") and len(words) == 2 else item.captions[0]
 
 
-# Generic instruction-tuning tasks, as a real MLLM sees in pretraining: none of them is the
-# embedding prompt, so the base model has never been asked to "summarize in one word".
-DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
-            "audio": "Describe the above audio.", "document": "What does the above image say?",
-            "text": "Rephrase the above text."}
+# Generic instruction-tuning tasks (world.DESCRIBE), as a real MLLM sees in pretraining: none of
+# them is the embedding prompt, so the base model has never been asked to "summarize in one word".
+DESCRIBE = world.DESCRIBE
 
 
-def world_caption_examples(n: int, seed: int, task: str = "describe",
-                           mix: dict[str, float] = PRETRAIN_MIX) -> list[tuple[dict, str]]:
+def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[str, float] = PRETRAIN_MIX,
+                           qa: float = 0.0) -> list[tuple[dict, str]]:
     """(input item, target text) pairs for the tiny model's generative pretraining.
 
     task="describe": captioning / OCR / paraphrasing with generic instructions (DESCRIBE),
     the target a random paraphrase of the item's caption. task="summary": every modality
     is trained to answer the embedding prompt itself with the item's summary (an ablation).
     mix: the share of each modality ("text" = rephrasing a caption given as text input).
+    qa: the share of image/video/audio examples that ask about one attribute instead
+    ("What is the rhythm of the sound?" -> "beeping twice"), as VQA data does for a real MLLM.
     Either way image, audio and video learn to produce the *language* of their captions:
     the cross-modal alignment that contrastive learning later exploits comes from here.
     """
@@ -187,8 +189,12 @@ def world_caption_examples(n: int, seed: int, task: str = "describe",
         source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
             inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
+            asked = world.questions(item.modality, item.attributes, rng.randrange(2)) if modality != "text" else []
             if task == "summary":
                 examples.append((inputs, summary(item)))
+            elif asked and rng.random() < qa:
+                question, answer = rng.choice(asked)
+                examples.append(({**inputs, "instruction": question}, answer))
             else:
                 examples.append(({**inputs, "instruction": DESCRIBE[modality]}, rng.choice(item.captions)))
     rng.shuffle(examples)
@@ -371,7 +377,7 @@ def run_pretrain(args, device, out: Path) -> Path:
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
         source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
-                                                     args.pretrain_task, args.pretrain_mix)
+                                                     args.pretrain_task, args.pretrain_mix, args.pretrain_qa)
     else:
         if not args.pretrain_data:
             raise TrainingError("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")

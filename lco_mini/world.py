@@ -45,7 +45,7 @@ POSITION_XY = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (
 MOTIONS = ("rightward", "leftward", "up", "down", "grow", "shrink", "recolour")
 PITCH_HZ = {"low": 200.0, "mid": 600.0, "high": 1800.0}   # a factor 3 apart: far apart on a mel axis
 TIMBRES = ("whistle", "buzz", "hiss")                     # sine, band-limited square, narrow-band noise
-CONTOURS = {"rising": 1, "falling": -1, "flat": 0}        # sweep f0/1.4 -> f0*1.4 (or reverse)
+CONTOURS = {"rising": 1, "falling": -1, "flat": 0}        # sweep f0/2 -> f0*2 (or reverse): two octaves
 RHYTHMS = {"steady": [(0.05, 0.95)],                      # (start, end) seconds where the sound is on
            "pulsing": [(0.05 + 0.115 * i, 0.11 + 0.115 * i) for i in range(8)],
            "twice": [(0.05, 0.40), (0.60, 0.95)],
@@ -202,6 +202,39 @@ def caption(modality, attributes, k=0):
     return re.sub(r"\ba (?=[aeiou])", "an ", text)   # "a orange square" -> "an orange square"
 
 
+# The generic instructions of the tiny model's pretraining ("describe" task, train.py) and of the
+# captioning probe (evaluation.captioning).
+DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
+            "audio": "Describe the above audio.", "document": "What does the above image say?",
+            "text": "Rephrase the above text."}
+
+# Short questions about one attribute, as in the visual/audio question answering of a real MLLM's
+# instruction data. The answer is the attribute's phrase, so the first answer token has to come from
+# the medium itself, not from caption grammar ("a", "the sound of"...).
+QUESTIONS = {
+    "image": {"colour": "What colour is the shape?", "shape": "What shape is it?",
+              "size": "How big is the shape?", "position": "Where is the shape?"},
+    "image2": {"colour": "What colour is the shape on the left?", "shape": "What shape is on the left?",
+               "colour2": "What colour is the shape on the right?", "shape2": "What shape is on the right?"},
+    "video": {"colour": "What colour is the shape?", "shape": "What shape is it?", "motion": "What does the shape do?"},
+    "audio": {"pitch": "How high is the sound?", "timbre": "What kind of sound is it?",
+              "contour": "Does the sound rise or fall?", "rhythm": "What is the rhythm of the sound?"},
+}
+
+
+def questions(modality, attributes, k=0):
+    """(question, answer) about each attribute of a combination; answers use synonym set k % 2.
+
+    Documents have none: reading the word ("What does the above image say?") is their question."""
+    a = attributes
+    kind = "image2" if modality == "image" and a.get("kind") == "two" else modality
+    asked = dict(QUESTIONS.get(kind, {}))
+    if modality == "video" and a["motion"] == "recolour":
+        asked.pop("colour")  # two colours: the motion phrase names both
+    words = {name: PHRASES[value][k % 2] for name, value in a.items() if value in PHRASES}
+    return [(question, words[name].format(**words)) for name, question in asked.items()]
+
+
 def _edit_distance(a, b):
     row = list(range(len(b) + 1))
     for i, ca in enumerate(a, 1):
@@ -309,7 +342,7 @@ def _envelope(rhythm):
 def _render_audio(a, rng):
     t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
     f0 = PITCH_HZ[a["pitch"]] * (1 + 0.03 * rng.uniform(-1, 1))
-    freq = f0 * 1.4 ** (CONTOURS[a["contour"]] * (2 * t - 1))        # geometric sweep around f0
+    freq = f0 * 2.0 ** (CONTOURS[a["contour"]] * (2 * t - 1))        # geometric sweep around f0
     phase = 2 * np.pi * np.cumsum(freq) / SAMPLE_RATE + rng.uniform(0, 2 * np.pi)
     if a["timbre"] == "whistle":
         tone = np.sin(phase)
@@ -422,9 +455,10 @@ def text_pairs(split="train", n=1000, seed=0):
 
 
 def corpus():
-    """Every string the world can produce (all paraphrases of all combinations, and the words): for the tokenizer."""
+    """Every string the world can produce (all paraphrases of all combinations, the words, the questions): for the tokenizer."""
     texts = [caption(m, a, k) for m in CAPTIONED for a in _all_combinations(m) for k in range(N_PARAPHRASES)]
-    return list(dict.fromkeys(texts + WORDS))
+    asked = [q for by_attribute in QUESTIONS.values() for q in by_attribute.values()]
+    return list(dict.fromkeys(texts + WORDS + asked))
 
 
 def save_item(item, dir, stem, relative_to=None):

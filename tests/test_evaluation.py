@@ -1,5 +1,6 @@
 """evaluation.py: held-out queries, their candidates, and recall on an oracle embedder."""
 import numpy as np
+import pytest
 import torch
 
 from lco_mini import evaluation, world
@@ -54,3 +55,53 @@ def test_oracle_scores_perfect_and_chance_uses_candidates(monkeypatch):
     assert results["audio->text"]["candidates"] == world.n_combinations("audio", "heldout") == 24
     audio_row = next(line for line in evaluation.format_table({"oracle": results}).splitlines() if "audio" in line)
     assert audio_row.split()[-1] == f"{100 / 24:.1f}"
+
+
+def test_captioning_probe_ranks_by_likelihood(monkeypatch):
+    """With a fake likelihood that knows the answer, the probe scores 100%; with one that
+    always prefers the first caption it scores exactly the share of items whose caption that is."""
+    def oracle_nll(model, processor, item_input, captions):
+        truth = next(i for i in drawn if i.media is item_input["audio"]).captions[0]
+        return torch.tensor([0.0 if c == truth else 1.0 for c in captions])
+
+    draw = evaluation.task_items
+
+    def remember(modality, n, seed):
+        items, captions, targets = draw(modality, n, seed)
+        drawn[:] = items
+        return items, captions, targets
+
+    drawn = []
+    monkeypatch.setattr(evaluation, "task_items", remember)
+    monkeypatch.setattr(evaluation, "caption_nll", oracle_nll)
+    result = evaluation.captioning(None, None, "audio", n=30, seed=2)
+    assert result["R@1"] == 1.0 and result["n"] == 30 and result["candidates"] == 24
+    assert all(result[name] == 1.0 for name in ("pitch", "timbre", "contour", "rhythm"))
+
+    monkeypatch.setattr(evaluation, "caption_nll", lambda m, p, item, captions: torch.arange(len(captions)).float())
+    result = evaluation.captioning(None, None, "audio", n=30, seed=2)
+    first = drawn[0].attributes
+    assert result["R@1"] == sum(i.captions[0] == drawn[0].captions[0] for i in drawn) / 30
+    assert result["pitch"] == sum(i.attributes["pitch"] == first["pitch"] for i in drawn) / 30
+
+
+def test_captioning_probe_on_a_tiny_model_and_cli_errors(tmp_path, capsys):
+    from lco_mini import backbone, tiny
+    folder = tiny.build_tiny(tmp_path / "m", **tiny.SIZES["smoke"])
+    model, processor = backbone.load(folder, device="cpu")
+    result = evaluation.captioning(model, processor, "audio", n=3, seed=0)
+    assert 0 <= result["R@1"] <= 1 and result["candidates"] == 3
+    # the NLL is the real one: it matches a direct cross-entropy on one caption
+    item = evaluation.task_items("audio", 1, 0)[0][0]
+    nll = evaluation.caption_nll(model, processor, {"audio": item.media, "instruction": "Describe the above audio."},
+                                 [item.captions[0]])
+    batch = backbone.build_inputs(processor, [{"audio": item.media, "instruction": "Describe the above audio."}],
+                                  targets=[item.captions[0]])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        loss = model(**batch, labels=labels).loss  # mean over answer tokens
+    assert torch.allclose(nll / (labels != -100).sum(), loss, atol=1e-5)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "cannot load" in capsys.readouterr().err

@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, lora, tiny  # noqa: E402
+from lco_mini import backbone, lora, tiny, world  # noqa: E402
 
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
@@ -236,3 +236,18 @@ def test_pretrain_mix_flag_sets_shares_and_rejects_bad_input(capsys):
     examples = train.world_caption_examples(12, seed=0, mix=only_audio)
     assert len(examples) == 12 and all("audio" in item and item["instruction"] == train.DESCRIBE["audio"]
                                        for item, _ in examples)
+
+
+def test_pretrain_qa_turns_media_examples_into_attribute_questions():
+    asked = {q for by_attribute in world.QUESTIONS.values() for q in by_attribute.values()}
+    all_qa = train.world_caption_examples(60, seed=1, qa=1.0)
+    none_qa = train.world_caption_examples(60, seed=1, qa=0.0)
+    for examples, expect_questions in ((all_qa, True), (none_qa, False)):
+        for item, target in examples:
+            is_media = any(k in item for k in ("image", "video", "audio"))
+            if is_media and item["instruction"] != train.DESCRIBE["document"]:  # documents keep their reading task
+                assert (item["instruction"] in asked) == expect_questions, (item["instruction"], target)
+    answers = [target for item, target in all_qa if item.get("instruction") in asked]
+    assert len(answers) > 20 and all(len(a.split()) <= 6 for a in answers)  # one attribute, not a caption
+    cli = train.get_args(["--pretrain-qa", "0.4"])
+    assert cli.pretrain_qa == 0.4 and train.get_args([]).pretrain_qa == 0.0

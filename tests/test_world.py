@@ -95,6 +95,22 @@ def test_captions_worked_examples():
         "beeping twice: a rising low hiss"
 
 
+def test_questions_worked_examples_and_answers_name_the_attribute():
+    audio = dict(pitch="low", timbre="hiss", rhythm="twice", contour="rising")
+    assert world.questions("audio", audio, 0) == [
+        ("How high is the sound?", "low"), ("What kind of sound is it?", "hiss"),
+        ("Does the sound rise or fall?", "rising"), ("What is the rhythm of the sound?", "beeping twice")]
+    recolour = dict(colour="red", shape="cross", motion="recolour", colour2="blue")
+    assert world.questions("video", recolour, 1) == [("What shape is it?", "plus sign"),
+                                                     ("What does the shape do?", "turning from crimson to azure")]
+    assert world.questions("document", {"word": "cat"}) == []
+    for modality in ("image", "video", "audio"):
+        for item in world.items(modality, "train", 40, seed=3):
+            for k in (0, 1):
+                for question, answer in world.questions(modality, item.attributes, k):
+                    assert question in world.corpus() and answer in item.captions[k], (question, answer)
+
+
 def test_every_caption_and_negative_is_in_corpus():
     corpus = world.corpus()
     assert len(corpus) == len(set(corpus)) and 3000 < len(corpus) < 50_000
@@ -168,7 +184,8 @@ def test_audio_peak_frequency_orders_low_mid_high(timbre, contour):
         assert wave.dtype == np.float32 and wave.shape == (16000,) and np.abs(wave).max() <= 0.6
         peaks.append(np.argmax(np.abs(np.fft.rfft(wave))))   # bin i = i Hz for 1 s at 16 kHz
     assert peaks[0] < peaks[1] < peaks[2]
-    assert 140 < peaks[0] < 290 and 420 < peaks[1] < 860 and 1250 < peaks[2] < 2600
+    for peak, f0 in zip(peaks, world.PITCH_HZ.values()):  # inside the sweep f0/2 .. 2 f0 (+ 3% jitter)
+        assert 0.95 * f0 / 2 < peak < 1.05 * 2 * f0 if contour != "flat" else 0.95 * f0 < peak < 1.05 * f0
 
 
 @pytest.mark.parametrize("rhythm,count", [("steady", 1), ("twice", 2), ("thrice", 3), ("pulsing", 8)])
@@ -184,8 +201,10 @@ def test_audio_contour_rises_and_falls():
         return np.argmax(np.abs(np.fft.rfft(wave[start:start + 3200])))
     for contour, sign in world.CONTOURS.items():
         wave, _ = world.render("audio", dict(pitch="mid", timbre="whistle", rhythm="steady", contour=contour), 0)
-        change = dominant(wave, 12000) - dominant(wave, 1000)
-        assert np.sign(change) == sign if sign else abs(change) <= 10
+        early, late = dominant(wave, 1000), dominant(wave, 12000)
+        assert np.sign(late - early) == sign if sign else abs(late - early) <= 10
+        if sign:  # a two-octave sweep: about 2^1.4 between t = 0.16 s and t = 0.85 s
+            assert 2.2 < (late / early) ** sign < 3.1
 
 
 def test_video_frames_are_even_differ_and_show_the_motion():
