@@ -189,7 +189,7 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
         source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
             inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
-            asked = world.questions(item.modality, item.attributes, rng.randrange(2)) if modality != "text" else []
+            asked = world.questions(item.modality, item.attributes, rng.randrange(2)) if qa and modality != "text" else []
             if task == "summary":
                 examples.append((inputs, summary(item)))
             elif asked and rng.random() < qa:
