@@ -9,6 +9,7 @@ Modules (one idea per file):
   tiny           the embedded tiny Qwen2.5-Omni-thinker-shaped default model
   backbone       loading an MLLM and turning prompted inputs into embeddings
   world          the synthetic omnimodal world the tiny model learns from
+  render         how that world looks and sounds: pixels, frames, waveforms
   data           the any2any jsonl dataset
   checkpoint     crash-safe checkpoints (atomic writes, RNG state)
   distributed    torchrun / DDP and cross-device negatives

@@ -7,7 +7,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from lco_mini import world
+from lco_mini import render, world
 
 KINDS = [("image", "latin"), ("video", "latin"), ("audio", "latin"), ("document", "latin"),
          ("document", "alien"), ("text", "latin")]
@@ -165,12 +165,12 @@ def test_image_shows_the_colour_at_each_shape_centre():
         assert len(x.geometry["centers"]) == len(colours)
         for (cx, cy), colour in zip(x.geometry["centers"], colours):
             assert tuple(pixels[cy, cx]) == world.COLOUR_RGB[colour]
-        assert tuple(pixels[0, 0]) == world.BACKGROUND or tuple(pixels[63, 63]) == world.BACKGROUND
+        assert tuple(pixels[0, 0]) == render.BACKGROUND or tuple(pixels[63, 63]) == render.BACKGROUND
 
 
 def test_large_shapes_are_larger_than_small_ones():
     area = lambda size: np.mean([(np.array(world.render("image", dict(kind="one", colour="blue", shape=s, size=size,
-                                 position="center"), seed)[0]) != world.BACKGROUND).any(-1).sum()
+                                 position="center"), seed)[0]) != render.BACKGROUND).any(-1).sum()
                                  for s in world.SHAPES for seed in range(3)])
     assert area("large") > 2.5 * area("small")
 
@@ -185,7 +185,7 @@ def test_audio_peak_frequency_orders_low_mid_high(timbre, contour):
         peaks.append(np.argmax(np.abs(np.fft.rfft(wave))))   # bin i = i Hz for 1 s at 16 kHz
     assert peaks[0] < peaks[1] < peaks[2]
     for peak, f0 in zip(peaks, world.PITCH_HZ.values()):  # inside the sweep (+ 3% jitter)
-        sweep = world.CONTOUR_SWEEP if contour != "flat" else 1.0
+        sweep = render.CONTOUR_SWEEP if contour != "flat" else 1.0
         assert 0.95 * f0 / sweep < peak < 1.05 * sweep * f0
 
 
@@ -205,13 +205,13 @@ def test_audio_contour_rises_and_falls():
         early, late = dominant(wave, 1000), dominant(wave, 12000)
         assert np.sign(late - early) == sign if sign else abs(late - early) <= 10
         if sign:  # f(t) = f0 * SWEEP^(2t - 1): between the windows' centres (t = 0.16 s, 0.85 s), SWEEP^1.375
-            assert (late / early) ** sign == pytest.approx(world.CONTOUR_SWEEP ** 1.375, rel=0.1)
+            assert (late / early) ** sign == pytest.approx(render.CONTOUR_SWEEP ** 1.375, rel=0.1)
 
 
 def test_video_frames_are_even_differ_and_show_the_motion():
     for x in world.items("video", "train", 60, seed=0):
         frames = [np.array(f) for f in x.media]
-        assert len(frames) == world.N_FRAMES and len(frames) % 2 == 0
+        assert len(frames) == render.N_FRAMES and len(frames) % 2 == 0
         assert all(f.shape == (64, 64, 3) for f in frames)
         assert all((a != b).any() for a, b in zip(frames, frames[1:]))
         (x0, y0), (x1, y1) = x.geometry["centers"][0], x.geometry["centers"][-1]
@@ -225,7 +225,7 @@ def test_video_frames_are_even_differ_and_show_the_motion():
 
 
 def test_documents_in_both_scripts_render_differently():
-    glyphs = world._alien_glyphs()
+    glyphs = render._alien_glyphs()
     assert len(glyphs) == 26 and len({g.tobytes() for g in glyphs.values()}) == 26
     for word in ("cat", "zebra", "quiz"):
         latin, _ = world.render("document", {"word": word}, seed=0, script="latin")
