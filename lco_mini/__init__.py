@@ -10,6 +10,7 @@ Modules (one idea per file):
   backbone       loading an MLLM and turning prompted inputs into embeddings
   world          the synthetic omnimodal world the tiny model learns from
   render         how that world looks and sounds: pixels, frames, waveforms
+  tasks          the tiny model's training batches drawn from the world
   data           the any2any jsonl dataset
   checkpoint     crash-safe checkpoints (atomic writes, RNG state)
   distributed    torchrun / DDP and cross-device negatives

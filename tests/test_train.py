@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, lora, tiny, world  # noqa: E402
+from lco_mini import backbone, lora, tasks, tiny, world  # noqa: E402
 
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
@@ -139,7 +139,7 @@ def test_contrastive_loss_decreases_on_a_fixed_batch(smoke_model):
     model, processor = smoke_model
     lora.add_lora(model, r=8, lora_alpha=16, lora_dropout=0.0)
     args = train.get_args(["--batch-size", "12"])
-    triples = train.world_pair_examples(12, seed=3, multimodal_ratio=0.0)
+    triples = tasks.world_pair_examples(12, seed=3, multimodal_ratio=0.0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
@@ -158,7 +158,7 @@ def test_gradcache_gives_the_full_batch_loss_and_gradients(tmp_path):
     torch.manual_seed(0)
     for layer in lora.lora_layers(model):
         torch.nn.init.normal_(layer[1].lora_B.weight, std=0.02)  # non-zero B: gradients reach A too
-    triples = train.world_pair_examples(6, seed=1, multimodal_ratio=0.0)
+    triples = tasks.world_pair_examples(6, seed=1, multimodal_ratio=0.0)
     results = []
     for micro in (0, 5):
         args = train.get_args(["--micro-batch", str(micro)])
@@ -193,17 +193,17 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_pretraining_examples_use_generic_instructions_not_the_embedding_prompt():
-    examples = train.world_caption_examples(40, seed=0, task="describe")
+    examples = tasks.world_caption_examples(40, seed=0, task="describe")
     assert len(examples) == 40
     for item, target in examples:
-        assert item["instruction"] in train.DESCRIBE.values() and "one word" not in item["instruction"]
+        assert item["instruction"] in tasks.DESCRIBE.values() and "one word" not in item["instruction"]
         assert target.strip()
     kinds = {next(k for k in ("image", "video", "audio", "text") if k in item) for item, _ in examples}
     assert kinds == {"image", "video", "audio", "text"}
-    summaries = train.world_caption_examples(40, seed=0, task="summary")
+    summaries = tasks.world_caption_examples(40, seed=0, task="summary")
     assert all("instruction" not in item for item, _ in summaries)
     assert not any(t.startswith(("a ", "an ")) for _, t in summaries)  # content first
-    again = train.world_caption_examples(40, seed=0)  # deterministic per seed
+    again = tasks.world_caption_examples(40, seed=0)  # deterministic per seed
     assert [(sorted(i), t) for i, t in again] == [(sorted(i), t) for i, t in examples]
 
 
@@ -222,30 +222,30 @@ def test_stage_by_stage_run_is_allowed_but_never_overwrites(tmp_path):
 
 def test_pretrain_mix_flag_sets_shares_and_rejects_bad_input(capsys):
     mix = train.get_args(["--pretrain-mix", "audio=0.45,document=0"]).pretrain_mix
-    assert set(mix) == set(train.PRETRAIN_MIX) and sum(mix.values()) == pytest.approx(1.0)
+    assert set(mix) == set(tasks.PRETRAIN_MIX) and sum(mix.values()) == pytest.approx(1.0)
     assert mix["document"] == 0 and mix["audio"] == pytest.approx(0.45 / 1.1)  # 0.25 + 0.15 + 0.45 + 0 + 0.25
-    assert mix["image"] / mix["text"] == pytest.approx(train.PRETRAIN_MIX["image"] / train.PRETRAIN_MIX["text"])
-    assert train.get_args([]).pretrain_mix == train.PRETRAIN_MIX
+    assert mix["image"] / mix["text"] == pytest.approx(tasks.PRETRAIN_MIX["image"] / tasks.PRETRAIN_MIX["text"])
+    assert train.get_args([]).pretrain_mix == tasks.PRETRAIN_MIX
     for bad, message in [("smell=0.2", "unknown modality 'smell'"), ("audio=lots", "is not MODALITY=SHARE"),
                          ("audio=-1", "finite number >= 0"),
                          ("image=0,video=0,audio=0,document=0,text=0", "all zeros")]:
         with pytest.raises(SystemExit) as exit_info:
             train.get_args(["--pretrain-mix", bad])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
-    only_audio = {m: float(m == "audio") for m in train.PRETRAIN_MIX}
-    examples = train.world_caption_examples(12, seed=0, mix=only_audio)
-    assert len(examples) == 12 and all("audio" in item and item["instruction"] == train.DESCRIBE["audio"]
+    only_audio = {m: float(m == "audio") for m in tasks.PRETRAIN_MIX}
+    examples = tasks.world_caption_examples(12, seed=0, mix=only_audio)
+    assert len(examples) == 12 and all("audio" in item and item["instruction"] == tasks.DESCRIBE["audio"]
                                        for item, _ in examples)
 
 
 def test_pretrain_qa_turns_media_examples_into_attribute_questions():
     asked = {q for by_attribute in world.QUESTIONS.values() for q in by_attribute.values()}
-    all_qa = train.world_caption_examples(60, seed=1, qa=1.0)
-    none_qa = train.world_caption_examples(60, seed=1, qa=0.0)
+    all_qa = tasks.world_caption_examples(60, seed=1, qa=1.0)
+    none_qa = tasks.world_caption_examples(60, seed=1, qa=0.0)
     for examples, expect_questions in ((all_qa, True), (none_qa, False)):
         for item, target in examples:
             is_media = any(k in item for k in ("image", "video", "audio"))
-            if is_media and item["instruction"] != train.DESCRIBE["document"]:  # documents keep their reading task
+            if is_media and item["instruction"] != tasks.DESCRIBE["document"]:  # documents keep their reading task
                 assert (item["instruction"] in asked) == expect_questions, (item["instruction"], target)
     answers = [target for item, target in all_qa if item.get("instruction") in asked]
     assert len(answers) > 20 and all(len(a.split()) <= 6 for a in answers)  # one attribute, not a caption
