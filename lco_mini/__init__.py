@@ -4,7 +4,8 @@ Modules (one idea per file):
   lora           hand-written LoRA with peft-compatible adapter files
   kernels        the InfoNCE loss: reference, chunked PyTorch, fused Triton
   pooling        last-token / mean pooling + L2 norm: reference and Triton
-  kernels_bench  the CPU benchmark and the GPU report of both
+  kernels_bench  measuring tools, the CPU benchmark and the command line for both
+  gpu_report     the GPU report: correctness and benchmarks of both on CUDA
   media          decoding images, audio and video files
   tiny           the embedded tiny Qwen2.5-Omni-thinker-shaped default model
   backbone       loading an MLLM and turning prompted inputs into embeddings
