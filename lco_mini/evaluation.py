@@ -107,7 +107,7 @@ def captioning(model, processor, modality: str, n: int = 24, seed: int = 1234) -
     """Generative probe: for n held-out items, rank the distinct candidate captions by likelihood
     under world.DESCRIBE[modality]; R@1 and, per attribute, how often the top caption has it right."""
     items, captions, targets = task_items(modality, n, seed)
-    key = "image" if modality == "document" else modality
+    key = world.MEDIA_KEY[modality]
     top = torch.stack([caption_nll(model, processor, {key: item.media, "instruction": world.DESCRIBE[modality]},
                                    captions).argmin() for item in items])
     by_caption = {item.captions[0]: item.attributes for item in items}

@@ -17,7 +17,6 @@ import random
 from lco_mini import world
 
 PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25}
-MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}
 WORLD_MEDIA = ("image", "video", "audio", "document")  # the order matters: rng.choice draws by index
 
 
@@ -83,7 +82,7 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
             continue
         source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
-            inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
+            inputs = {"text": rng.choice(item.captions)} if modality == "text" else {world.MEDIA_KEY[modality]: item.media}
             asked = world.questions(item.modality, item.attributes, rng.randrange(2)) if qa and modality != "text" else []
             if task == "summary":
                 examples.append((inputs, summary(item)))
@@ -108,6 +107,6 @@ def world_pair_examples(n: int, seed: int, multimodal_ratio: float) -> list[tupl
     for _ in range(n_media):
         modality = rng.choice(WORLD_MEDIA)
         item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
-        triples.append(({MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
+        triples.append(({world.MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
     rng.shuffle(triples)
     return triples

@@ -97,6 +97,7 @@ HELDOUT_WORDS = set(WORDS[2::5])                          # ~20% of words; every
 MODALITIES = ("text", "image", "video", "audio", "document")
 CAPTIONED = ("image", "video", "audio", "document")       # modalities with their own caption space
 SPLITS = ("train", "heldout")
+MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}  # the model input each is
 SCRIPTS = ("latin", "alien")
 
 
