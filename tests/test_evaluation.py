@@ -43,8 +43,8 @@ class CaptionOracle:
 def test_oracle_scores_perfect_and_chance_uses_candidates(monkeypatch):
     oracle, draw = CaptionOracle(), evaluation.task_items
 
-    def draw_and_register(modality, n, seed):
-        items, captions, targets = draw(modality, n, seed)
+    def draw_and_register(modality, n, seed, split="heldout"):
+        items, captions, targets = draw(modality, n, seed, split)
         oracle.register(items)
         return items, captions, targets
 
@@ -52,9 +52,28 @@ def test_oracle_scores_perfect_and_chance_uses_candidates(monkeypatch):
     results = evaluation.evaluate(oracle, n=40, seed=3)
     for task, scores in results.items():
         assert scores["R@1"] == 1.0 and scores["n"] == 40, task
-    assert results["audio->text"]["candidates"] == world.n_combinations("audio", "heldout") == 24
+    n_audio = world.n_combinations("audio", "heldout")
+    assert results["audio->text"]["candidates"] == n_audio < 40
     audio_row = next(line for line in evaluation.format_table({"oracle": results}).splitlines() if "audio" in line)
-    assert audio_row.split()[-1] == f"{100 / 24:.1f}"
+    assert audio_row.split()[-1] == f"{100 / n_audio:.1f}"
+
+    # the training split: other combinations, the same perfect scores, every attribute right
+    results = evaluation.evaluate(oracle, n=40, seed=3, split="train", attributes=True)
+    assert all(scores["R@1"] == 1.0 for scores in results.values())
+    assert results["audio->text"]["candidates"] == 40  # more training combinations than queries: all distinct
+    assert {k: v for k, v in results["audio->text"].items() if k in world.QUESTIONS["audio"]} == {
+        "pitch": 1.0, "timbre": 1.0, "contour": 1.0, "rhythm": 1.0}
+
+
+def test_attribute_accuracy_counts_each_attribute_of_the_top_caption():
+    items, captions, targets = evaluation.task_items("audio", 12, seed=0)
+    # rank for every item the caption of the next item: right exactly where their attributes agree
+    top = torch.tensor([targets[(i + 1) % len(items)] for i in range(len(items))])
+    result = evaluation.attribute_accuracy(items, captions, top)
+    for name in ("pitch", "timbre", "contour", "rhythm"):
+        expected = np.mean([items[i].attributes[name] == items[(i + 1) % 12].attributes[name] for i in range(12)])
+        assert result[name] == pytest.approx(expected)
+    assert evaluation.attribute_accuracy(items, captions, targets) == {k: 1.0 for k in result}
 
 
 def test_captioning_probe_ranks_by_likelihood(monkeypatch):
@@ -66,8 +85,8 @@ def test_captioning_probe_ranks_by_likelihood(monkeypatch):
 
     draw = evaluation.task_items
 
-    def remember(modality, n, seed):
-        items, captions, targets = draw(modality, n, seed)
+    def remember(modality, n, seed, split="heldout"):
+        items, captions, targets = draw(modality, n, seed, split)
         drawn[:] = items
         return items, captions, targets
 
@@ -75,7 +94,7 @@ def test_captioning_probe_ranks_by_likelihood(monkeypatch):
     monkeypatch.setattr(evaluation, "task_items", remember)
     monkeypatch.setattr(evaluation, "caption_nll", oracle_nll)
     result = evaluation.captioning(None, None, "audio", n=30, seed=2)
-    assert result["R@1"] == 1.0 and result["n"] == 30 and result["candidates"] == 24
+    assert result["R@1"] == 1.0 and result["n"] == 30 and result["candidates"] == world.n_combinations("audio", "heldout")
     assert all(result[name] == 1.0 for name in ("pitch", "timbre", "contour", "rhythm"))
 
     monkeypatch.setattr(evaluation, "caption_nll", lambda m, p, item, captions: torch.arange(len(captions)).float())
@@ -105,3 +124,7 @@ def test_captioning_probe_on_a_tiny_model_and_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2 and "cannot load" in capsys.readouterr().err
+    evaluation.main([str(folder), "--n", "3", "--split", "train", "--attributes", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert "(train)" in printed and "audio->text" in printed
+    assert next(l for l in printed.splitlines() if l.startswith("audio->text") and "right on" in l).count("%") == 4
