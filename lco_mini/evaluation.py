@@ -2,7 +2,7 @@
 
 For each task the queries are n held-out items (attribute combinations never seen in
 training) and the candidates are the distinct canonical captions of those items, so
-chance level is 1 / candidates. A split with fewer combinations than n (audio has 24)
+chance level is 1 / candidates. A split with fewer combinations than n (audio has 27)
 contributes several renderings of each: a different jitter, phase or noise, the same
 caption. That keeps the estimate from resting on a couple of dozen queries. The
 text->text task uses a paraphrase as the query, which is exactly what text-only
@@ -15,7 +15,7 @@ held-out item? It ranks the candidate captions by their likelihood as the answer
 attribute. Text-only contrastive learning can only bring out what this already knows.
 
     python -m lco_mini.evaluation out/merged                       # the retrieval table
-    python -m lco_mini.evaluation out/base --captioning --n 24     # the captioning probe
+    python -m lco_mini.evaluation out/base --captioning --n 27     # the captioning probe
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def caption_nll(model, processor, item_input: dict, captions: list[str]) -> torc
     return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none").sum(1)
 
 
-def captioning(model, processor, modality: str, n: int = 24, seed: int = 1234,
+def captioning(model, processor, modality: str, n: int = 27, seed: int = 1234,
                split: str = "heldout") -> dict[str, float]:
     """Generative probe: for n items of `split`, rank the distinct candidate captions by likelihood
     under world.DESCRIBE[modality]; R@1 and, per attribute, how often the top caption has it right."""

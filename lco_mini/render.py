@@ -21,7 +21,7 @@ SIZE_PX = {"small": 7, "large": 13}                       # half-width of a one-
 POSITION_XY = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32, 48), "center": (32, 32)}
 PITCH_HZ = {"low": 200.0, "mid": 600.0, "high": 1800.0}   # a factor 3 apart: far apart on a mel axis
 CONTOURS = {"rising": 1, "falling": -1, "flat": 0}        # sweep f0/CONTOUR_SWEEP -> f0*CONTOUR_SWEEP (or reverse)
-CONTOUR_SWEEP = 1.4  # 2.0 made the contour easier for the tiny model to caption, but CL still lowered audio->text
+CONTOUR_SWEEP = 2.0  # two octaves in all; at 1.4 (one octave) the tiny model captioned contours at chance
 RHYTHMS = {"steady": [(0.05, 0.95)],                      # (start, end) seconds where the sound is on
            "pulsing": [(0.05 + 0.115 * i, 0.11 + 0.115 * i) for i in range(8)],
            "twice": [(0.05, 0.40), (0.60, 0.95)],

@@ -57,8 +57,8 @@ def test_heldout_pairs_as_specified():
     pairs = lambda m, s: {(a["colour"], a["shape"]) for a in world.combinations(m, s)}
     assert pairs("image", "train").isdisjoint(world.HELDOUT_COLOUR_SHAPE)
     assert pairs("video", "train").isdisjoint(world.HELDOUT_COLOUR_SHAPE)
-    assert {(a["pitch"], a["timbre"]) for a in world.combinations("audio", "train")}.isdisjoint(
-        world.HELDOUT_PITCH_TIMBRE)
+    assert {(a["pitch"], a["rhythm"]) for a in world.combinations("audio", "train")}.isdisjoint(
+        world.HELDOUT_PITCH_RHYTHM)
     train_words = {a["word"] for a in world.combinations("document", "train")}
     assert train_words.isdisjoint(world.HELDOUT_WORDS)
     assert set("".join(train_words)) == set("abcdefghijklmnopqrstuvwxyz")
