@@ -60,7 +60,7 @@ def embed_queries(embedder, items: list, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown query kind {kind!r}")
 
 
-def evaluate(embedder, n: int = 100, seed: int = 1234, split: str = "heldout",
+def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
              attributes: bool = False) -> dict[str, dict[str, float]]:
     """Recall@1/@5 per task; also reports n (queries) and candidates (chance = 1/candidates).
 
@@ -146,7 +146,7 @@ def format_attributes(result: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Held-out evaluation on the synthetic world (see the module docstring).")
     p.add_argument("model", help="a model folder written by train.py (out/base, out/merged) or any supported backbone")
-    p.add_argument("--n", type=int, default=100, help="held-out queries per task (default 100)")
+    p.add_argument("--n", type=int, default=300, help="queries per task (default 300, as train.py; the captioning probe: use ~27)")
     p.add_argument("--seed", type=int, default=1234, help="which renderings of the held-out combinations")
     p.add_argument("--split", choices=world.SPLITS, default="heldout",
                    help="heldout (default): combinations never trained on; train: ones seen in pretraining")
