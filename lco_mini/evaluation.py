@@ -147,7 +147,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="Held-out evaluation on the synthetic world (see the module docstring).")
     p.add_argument("model", help="a model folder written by train.py (out/base, out/merged) or any supported backbone")
     p.add_argument("--n", type=int, default=300, help="queries per task (default 300, as train.py; the captioning probe: use ~27)")
-    p.add_argument("--seed", type=int, default=1234, help="which renderings of the held-out combinations")
+    p.add_argument("--seed", type=int, default=1234, help="which renderings of the combinations")
     p.add_argument("--split", choices=world.SPLITS, default="heldout",
                    help="heldout (default): combinations never trained on; train: ones seen in pretraining")
     p.add_argument("--attributes", action="store_true",
@@ -168,8 +168,9 @@ def main(argv=None) -> None:
         results = evaluate(embedder, n=args.n, seed=args.seed, split=args.split, attributes=args.attributes)
         print(format_table({f"{args.model} ({args.split})": results}))
         for task, result in results.items():
-            if args.attributes and len(result) > 4:
-                print(f"{task:<16} top caption right on: {format_attributes(result)}")
+            attributes = format_attributes(result)  # empty without --attributes, and for documents
+            if attributes:
+                print(f"{task:<16} top caption right on: {attributes}")
         return
     for modality in ("image", "video", "audio"):
         result = captioning(model, processor, modality, n=args.n, seed=args.seed, split=args.split)
