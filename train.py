@@ -21,7 +21,7 @@ What happens, top to bottom:
                   for the tiny default, (c) a control: the same contrastive learning on a model
                   that never had generative pretraining.
 Outputs in --out: base/ (pretrained model), adapter/ (peft-compatible LoRA files),
-merged/ (what `python embed.py` uses by default), eval.json, config.json, *.ckpt.pt.
+merged/ (what `python embed.py` uses by default), control/ (the control's merged model), eval.json, config.json, *.ckpt.pt.
 """
 from __future__ import annotations
 
@@ -344,8 +344,8 @@ def run_contrastive(args, device, base: Path, out: Path, source, name: str = "co
     if name == "contrastive" and distributed.is_main():
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(base))
     model = lora.merge_lora(model)
-    if name == "contrastive" and distributed.is_main():
-        save_model(model, processor, out / "merged")
+    if distributed.is_main():  # merged/ is what embed.py uses; control/ is kept for analyze.py
+        save_model(model, processor, out / ("merged" if name == "contrastive" else name))
     return model, processor
 
 
@@ -363,7 +363,7 @@ def evaluate_models(args, device, out: Path, runs: dict) -> None:
 # ----------------------------------------------------------------------------- main
 
 STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
-                 "contrastive": ["adapter", "merged", "contrastive.ckpt.pt", "control.ckpt.pt"]}
+                 "contrastive": ["adapter", "merged", "control", "contrastive.ckpt.pt", "control.ckpt.pt"]}
 
 
 def check_output_folder(args, out: Path) -> None:
