@@ -88,13 +88,16 @@ def anisotropy(x: torch.Tensor) -> float:
 def _neighbours(kernel: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """[N, N] 0/1 mask: row i marks the k largest kernel[i, j], j != i.
 
-    Exact ties are broken at random (seeded): identical embeddings have no meaningful order,
-    and an index order shared by both sides would make their neighbourhoods agree by luck."""
+    Ties are broken at random (seeded): identical embeddings have no meaningful order, and an
+    index order shared by both sides would make their neighbourhoods agree by luck. A tie is
+    equal to 10 significant digits: the products of identical rows differ in the last bits
+    from column to column (BLAS blocking), and that noise is the same on both sides."""
     n = kernel.shape[0]
     if not 1 <= k < n:
         raise ValueError(f"k must be between 1 and N - 1 = {n - 1}, got {k}")
     shuffle = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    scores = kernel.clone().fill_diagonal_(float("-inf"))[:, shuffle]
+    scale = kernel.abs().max().clamp_min(torch.finfo(kernel.dtype).tiny)
+    scores = torch.round(kernel / scale, decimals=10).fill_diagonal_(float("-inf"))[:, shuffle]
     top = shuffle[torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]]
     return torch.zeros(n, n, dtype=kernel.dtype).scatter_(1, top, 1.0)
 

@@ -136,6 +136,16 @@ def load(name_or_path, device=None, dtype=None):
 
 # ----------------------------------------------------------------------------- prompts -> batch
 
+# The part of a processor that turns each medium into model inputs.
+MEDIA_PROCESSORS = {"image": "image_processor", "video": "video_processor", "audio": "feature_extractor"}
+
+
+def input_kinds(processor) -> tuple[str, ...]:
+    """What a backbone takes: "text" always, and each medium its processor has a part for
+    (Qwen2.5-Omni: image, video, audio; Qwen2-VL and Qwen2.5-VL: image, video)."""
+    return ("text",) + tuple(kind for kind in MEDIA if getattr(processor, MEDIA_PROCESSORS[kind], None) is not None)
+
+
 def chat_content(item: dict) -> list[dict]:
     """The user turn for one item: its media placeholders, then the text + instruction.
 
@@ -178,8 +188,8 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None)
         for kind in MEDIA:
             if item.get(kind) is not None:
                 media_lists[kind].append(media.LOADERS[kind](item[kind]))
-    for kind, part in [("audio", "feature_extractor"), ("video", "video_processor")]:
-        if media_lists[kind] and getattr(processor, part, None) is None:
+    for kind in MEDIA:
+        if media_lists[kind] and kind not in input_kinds(processor):
             raise ValueError(f"{type(processor).__name__} takes no {kind}: use an Omni model for {kind} items")
     processor.tokenizer.padding_side = "left"
     if targets is not None:

@@ -270,3 +270,12 @@ def test_instruction_replaces_the_embedding_prompt():
         "type": "text", "text": "a red circle\nRephrase the above text."}
     assert backbone.chat_content({"text": "a red circle"})[-1]["text"] == (
         "a red circle\nSummarize the above text in one word:")
+
+
+def test_input_kinds_per_family(loaded):
+    model, processor, is_omni = loaded
+    kinds = backbone.input_kinds(processor)
+    assert kinds == (("text", "image", "video", "audio") if is_omni else ("text", "image", "video"))
+    if not is_omni:  # the kinds it lacks are exactly the ones build_inputs refuses
+        with pytest.raises(ValueError, match="takes no audio"):
+            build_inputs(processor, [{"audio": AUDIOS[0]}])

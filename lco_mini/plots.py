@@ -1,0 +1,87 @@
+"""The analysis figures (analyze.py writes them): what a reader would rather look at than read.
+
+Every figure has the layer on x (0 = the token embeddings, last = the final layer, the one
+used as the embedding), one colour per modality or per model, and is written as a PNG.
+"""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+MEASURE_TITLES = {"mutual_knn": "mutual kNN", "unbiased_cka": "unbiased CKA", "cknna": "CKNNA"}
+
+
+def _layer_axis(ax, n_layers: int) -> None:
+    ax.set_xlabel("layer (0 = token embeddings)")
+    ax.set_xticks(range(0, n_layers, max(1, n_layers // 8)))
+    ax.grid(alpha=0.3)
+
+
+def anisotropy_figure(results: dict, path, title: str = "") -> None:
+    """One panel per model (e.g. before and after text-only CL), one line per modality.
+
+    results: {model: {modality: [anisotropy per layer]}}."""
+    models = list(results)
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.6), sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for modality, values in results[model].items():
+            ax.plot(range(len(values)), values, marker="o", markersize=3, label=modality)
+        ax.set_title(model)
+        _layer_axis(ax, max(len(v) for v in results[model].values()))
+    axes[0][0].set_ylabel("anisotropy (mean cosine, i != j)")
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title or "Anisotropy per layer: how narrow a cone each modality's embeddings fill")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def alignment_figure(results: dict, path, title: str = "") -> None:
+    """Rows: measures; columns: modalities; one colour per model. The dashed line and band of
+    the same colour are the permutation null (mean +- 2 std): a score means something only above it.
+
+    results: {model: {modality: {measure: [per layer], measure + "_null": [[mean, std] per layer]}}}."""
+    models = list(results)
+    modalities = list(dict.fromkeys(m for model in models for m in results[model]))
+    measures = [m for m in MEASURE_TITLES if any(m in results[model][mod] for model in models
+                                                   for mod in results[model])]
+    fig, axes = plt.subplots(len(measures), len(modalities), figsize=(3.6 * len(modalities), 2.8 * len(measures)),
+                             squeeze=False, sharex="col")
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for row, measure in enumerate(measures):
+        for col, modality in enumerate(modalities):
+            ax = axes[row][col]
+            for colour, model in zip(colours, models):
+                entry = results[model].get(modality)
+                if entry is None:
+                    continue
+                values = entry[measure]
+                layers = range(len(values))
+                ax.plot(layers, [_nan(v) for v in values], marker="o", markersize=3, color=colour, label=model)
+                mean = [_nan(m) for m, _ in entry[measure + "_null"]]
+                spread = [2 * _nan(s) for _, s in entry[measure + "_null"]]
+                ax.plot(layers, mean, linestyle="--", linewidth=1, color=colour)
+                ax.fill_between(layers, [m - s for m, s in zip(mean, spread)],
+                                [m + s for m, s in zip(mean, spread)], color=colour, alpha=0.12)
+            if row == 0:
+                ax.set_title(f"{modality} <-> caption")
+            if col == 0:
+                ax.set_ylabel(MEASURE_TITLES[measure])
+            if row == len(measures) - 1:
+                _layer_axis(ax, len(values))
+            else:
+                ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title or "Kernel alignment per layer (dashed: permutation null, band: +- 2 std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _nan(value) -> float:
+    """JSON null (an undefined score, e.g. CKA of identical embeddings) -> NaN, which matplotlib skips."""
+    return math.nan if value is None else value
