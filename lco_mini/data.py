@@ -107,7 +107,7 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, decode: bool = True,
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such dataset file")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path)
     pairs, bad = [], 0
     from tqdm import tqdm
 
@@ -124,6 +124,23 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, decode: bool = True,
     if not pairs:
         raise DataError(f"{path}: no usable examples" + (f" ({bad} bad lines skipped)" if bad else ""))
     return pairs, bad
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines, split on "\\n" only: str.splitlines() also splits on U+2028, U+0085 and
+    other characters that are valid inside a JSON string, and would cut a good record in pieces.
+    A UTF-8 byte-order mark (Windows editors write one) is dropped. A byte that is not UTF-8
+    stops the read even with skip_bad: a file in another encoding is wrong as a whole, and
+    skipping its lines would quietly drop data."""
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+    lines = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at byte "
+                            f"{err.start + 1} of the line); save the file as UTF-8") from None
+    return lines
 
 
 def is_text_only(pair: Pair) -> bool:

@@ -83,3 +83,21 @@ def test_audio_path_is_decoded(tmp_path):
     record = {"anchor": {"audio_path": "tone.wav", "text": ""}, "positive": text_side("a tone")}
     pairs, _ = data.read_jsonl(write_jsonl(tmp_path / "d.jsonl", [record]))
     assert pairs[0].anchor == {"audio": tmp_path / "tone.wav"}
+
+
+def test_lines_split_on_newline_only_and_a_bom_is_accepted(tmp_path):
+    """U+2028, U+0085 and friends are valid inside a JSON string; str.splitlines() would cut there."""
+    tricky = {"anchor": text_side("one\u2028two\u0085three\x1cfour"), "positive": text_side("y")}
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\r\n" + json.dumps(tricky, ensure_ascii=False)).encode())
+    pairs, bad = data.read_jsonl(path, skip_bad=True)
+    assert bad == 0 and [p.line for p in pairs] == [1, 2]
+    assert pairs[1].anchor["text"] == "one\u2028two\u0085three\x1cfour"
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_byte_that_is_not_utf8_names_its_line(tmp_path, skip_bad):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\n").encode() + '{"anchor": {"text": "café"}, "positive": {"text": "y"}}\n'.encode("latin-1"))
+    with pytest.raises(data.DataError, match=r"latin1\.jsonl: line 2: not UTF-8 \(byte 0xe9"):
+        data.read_jsonl(path, skip_bad=skip_bad)
