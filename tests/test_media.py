@@ -341,3 +341,24 @@ def test_mp4_decoded_or_clear_install_hint(tmp_path):
             expected = r"clip\.mp4: not a readable video \("
         with pytest.raises(MediaError, match=expected):
             load_video(path)
+
+
+def test_extreme_aspect_ratio_is_refused_before_decoding(tmp_path):
+    """Qwen-VL processors raise on a ratio over 200:1; that must be a MediaError found by a data check."""
+    Image.new("RGB", (10000, 1), RED).save(tmp_path / "line.png")
+    with pytest.raises(MediaError, match=r"line\.png: 10000 x 1 pixels: an aspect ratio over 200:1"):
+        load_image(tmp_path / "line.png")
+    Image.new("RGB", (200, 1), RED).save(tmp_path / "ok.png")
+    assert load_image(tmp_path / "ok.png").size == (200, 1)
+    with pytest.raises(MediaError, match=r"strip\.gif: 300 x 1 pixels"):
+        load_video(save_gif(tmp_path / "strip.gif", [RED, BLUE], size=(300, 1)))
+
+
+def test_pixel_budget_shrinks_a_big_rgba_png_on_white(tmp_path):
+    """Shrunk before the RGB conversion (fewer full-size copies), with the same result."""
+    img = Image.new("RGBA", (900, 300), (255, 0, 0, 0))
+    img.paste((0, 0, 255, 255), (0, 0, 450, 300))
+    img.save(tmp_path / "half.png")
+    out = load_image(tmp_path / "half.png", max_pixels=3000)
+    assert out.mode == "RGB" and out.width * out.height <= 3000 and out.width / out.height == pytest.approx(3, rel=0.05)
+    assert pixel(out, (2, 2)) == BLUE and pixel(out, (out.width - 2, 2)) == WHITE
