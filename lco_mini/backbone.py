@@ -82,10 +82,29 @@ def _resolve_source(name_or_path) -> str:
         if not path.is_dir():
             raise NotADirectoryError(f"{name}: expected a model folder (config.json, weights), got a file")
         return str(path)
-    if name.startswith((".", "/", "~")) or not HUB_ID.match(name):
+    if _looks_like_path(name):  # a typo in a folder name: say so now, not after half a minute of hub retries
+        raise FileNotFoundError(f"{name}: no such folder (read as a local path, not a hub id)")
+    if not HUB_ID.match(name):
         raise FileNotFoundError(
             f"{name}: no such folder, and not a Hugging Face hub id like 'Qwen/Qwen2.5-Omni-3B'")
     return name
+
+
+def _looks_like_path(name: str) -> bool:
+    """'./m', '/abs/m', 'out/mergd', 'runs/a/m', or 'x/m' where a folder x exists here: a path.
+    'Qwen/Qwen2.5-Omni-3B' (owner/name, no folder 'Qwen' here) may be a hub id."""
+    if name.startswith((".", "/", "~", "out/")) or "\\" in name or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def load_config(name_or_path):
+    """(source, config) for a folder or hub id; a hub that cannot be reached is one line (OSError)."""
+    source = _resolve_source(name_or_path)
+    try:
+        return source, AutoConfig.from_pretrained(source)
+    except OSError as e:  # transformers' "couldn't connect to the hub" / "not a valid model identifier"
+        raise OSError(f"{name_or_path}: cannot load the model ({' '.join(str(e).split())})") from None
 
 
 def _default_device_dtype(device, dtype):
@@ -111,13 +130,22 @@ def _video_kwargs(processor) -> dict:
                                        "longest_edge": video.size["longest_edge"]}}}
 
 
+def load_processor(source):
+    """The processor of a folder or hub id, its tokenizer padding on the left (see the module docstring)."""
+    processor = AutoProcessor.from_pretrained(source)
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # padding needs some token; it is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
 def load(name_or_path, device=None, dtype=None):
     """(model, processor) for a Qwen2.5-Omni, Qwen2.5-VL, Qwen2-VL or other image-text-to-text
     checkpoint, from a local folder or a hub id. dtype: bf16 on CUDA, fp32 on CPU by default.
     The processor's tokenizer pads on the left (see the module docstring)."""
-    source = _resolve_source(name_or_path)
+    source, config = load_config(name_or_path)
     device, dtype = _default_device_dtype(device, dtype)
-    config = AutoConfig.from_pretrained(source)
     model_class = ARCHITECTURES.get(config.model_type, AutoModelForImageTextToText)
     if config.model_type == "qwen2_5_omni":
         # transformers strips the "thinker." prefix of the full checkpoint's weight names when
@@ -126,12 +154,7 @@ def load(name_or_path, device=None, dtype=None):
     model = model_class.from_pretrained(source, config=config, dtype=dtype)
     model.to(device).eval()
 
-    processor = AutoProcessor.from_pretrained(source)
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # padding needs some token; it is masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, processor
+    return model, load_processor(source)
 
 
 # ----------------------------------------------------------------------------- prompts -> batch
@@ -169,18 +192,74 @@ def chat_content(item: dict) -> list[dict]:
     return [{"type": k} for k in kinds] + [{"type": "text", "text": prompt}]
 
 
-def build_inputs(processor, items: list[dict], targets: list[str] | None = None):
+def truncate_text(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bool]:
+    """(text cut after its first max_tokens tokens, whether it was cut). Only the item's own text
+    is cut: cutting the whole prompt would drop the instruction and the last token we pool."""
+    if max_tokens is None:
+        return text, False
+    fast = getattr(tokenizer, "is_fast", False)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast, verbose=False)
+    ids = encoding["input_ids"]
+    if len(ids) <= max_tokens:
+        return text, False
+    if fast:  # cut the original string at a token boundary (decode could alter whitespace)
+        return text[:encoding["offset_mapping"][max_tokens - 1][1]], True
+    return tokenizer.decode(ids[:max_tokens]), True
+
+
+def image_budget(processor) -> int | None:
+    """The most pixels the image processor keeps, for Qwen-VL-family processors (their
+    size["longest_edge"] is a pixel count, not an edge as in other families); else None."""
+    images = getattr(processor, "image_processor", None)
+    if images is None or not hasattr(images, "merge_size"):
+        return None
+    return getattr(images, "max_pixels", None) or getattr(images.size, "longest_edge", None)
+
+
+def bound_items(processor, items: list[dict], max_text_tokens: int | None) -> tuple[list[dict], int]:
+    """Copies of items with texts cut to max_text_tokens, and image files decoded within the
+    processor's pixel budget (JPEGs decoded small: an 81 MP file never reaches the processor).
+    Returns them and the number of texts cut."""
+    budget, bounded, cut = image_budget(processor), [], 0
+    for item in items:
+        item = dict(item)
+        if isinstance(item.get("text"), str):
+            item["text"], was_cut = truncate_text(processor.tokenizer, item["text"], max_text_tokens)
+            cut += was_cut
+        image = item.get("image")
+        if image is not None and budget and not (hasattr(image, "size") and image.size[0] * image.size[1] <= budget):
+            item["image"] = media.load_image(image, max_pixels=budget)
+        bounded.append(item)
+    return bounded, cut
+
+
+def audio_window(processor) -> float | None:
+    """Seconds of audio the processor keeps (it cuts the rest): 30 s for Qwen2.5-Omni, 5 s tiny."""
+    features = getattr(processor, "feature_extractor", None)
+    if features is None or not getattr(features, "n_samples", None):
+        return None
+    return features.n_samples / features.sampling_rate
+
+
+def build_inputs(processor, items: list[dict], targets: list[str] | None = None,
+                 max_text_tokens: int | None = media.MAX_TEXT_TOKENS):
     """A left-padded BatchFeature (tensors on CPU) for `items`.
 
     Each item is a dict with any of "text" (str), "image" (PIL image or path), "audio" (1-D
     float array at 16 kHz or path), "video" (list of PIL frames or path); at most one of each.
-    Paths are decoded by lco_mini.media. Every row ends with the generation prompt.
+    Paths are decoded by lco_mini.media. Every row ends with the generation prompt. Texts
+    and targets are cut to max_text_tokens tokens each (None: not cut), images to the
+    processor's pixel budget (see bound_items).
 
     targets (generative training): row i continues with the assistant's answer targets[i]
     and the end-of-turn token, and the batch gets `labels` = input_ids on the answer,
     -100 elsewhere. Left padding makes this easy: the answer is the last tokens of each row."""
     if not items:
         raise ValueError("build_inputs: no items")
+    items = bound_items(processor, items, max_text_tokens)[0]
+    if targets is not None:
+        targets = [truncate_text(processor.tokenizer, t, max_text_tokens)[0] if isinstance(t, str) else t
+                   for t in targets]
     texts, media_lists = [], {"image": [], "video": [], "audio": []}
     for item in items:
         messages = [{"role": "user", "content": chat_content(item)}]
@@ -275,9 +354,12 @@ class Embedder:
     Items are sorted by kind and length before batching (less padding) and returned in input
     order; batching cannot change an embedding (left padding, see the module docstring)."""
 
-    def __init__(self, model, processor, batch_size: int = 16, device=None, progress: bool = True):
+    def __init__(self, model, processor, batch_size: int = 16, device=None, progress: bool = True,
+                 max_text_tokens: int | None = media.MAX_TEXT_TOKENS):
         self.model = model if device is None else model.to(device)
         self.processor, self.batch_size, self.progress = processor, batch_size, progress
+        self.max_text_tokens = max_text_tokens
+        self.truncated = 0  # texts cut to max_text_tokens so far, for a caller to report
         processor.tokenizer.padding_side = "left"
 
     @classmethod
@@ -310,7 +392,9 @@ class Embedder:
             with torch.inference_mode():
                 for batch in tqdm(batches, desc="embedding", unit="batch",
                                   disable=not self.progress or len(batches) < 2):
-                    inputs = build_inputs(self.processor, [items[i] for i in batch])
+                    chunk, cut = bound_items(self.processor, [items[i] for i in batch], self.max_text_tokens)
+                    self.truncated += cut
+                    inputs = build_inputs(self.processor, chunk, max_text_tokens=None)  # cut already
                     embeddings = embed_batch(self.model, inputs, layers).float().cpu()
                     for j, i in enumerate(batch):
                         rows[i] = embeddings[..., j, :]

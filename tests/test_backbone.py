@@ -279,3 +279,70 @@ def test_input_kinds_per_family(loaded):
     if not is_omni:  # the kinds it lacks are exactly the ones build_inputs refuses
         with pytest.raises(ValueError, match="takes no audio"):
             build_inputs(processor, [{"audio": AUDIOS[0]}])
+
+
+def test_a_missing_path_is_no_such_folder_not_a_hub_id(tmp_path, monkeypatch):
+    """A typo in a folder name must not cost half a minute of hub retries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ["runs/mergd", "out/mergd"]:
+        with pytest.raises(FileNotFoundError, match=f"{typo}: no such folder"):
+            backbone._resolve_source(typo)
+    assert backbone._resolve_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"  # may be a hub id
+
+
+def test_texts_are_cut_to_max_text_tokens_but_the_prompt_is_kept(omni_dir):
+    """One 1 MB text must not reach the model whole; the instruction and generation prompt stay."""
+    processor = backbone.load_processor(omni_dir)
+    long_text = "the red circle above the blue square " * 2000
+    full = build_inputs(processor, [{"text": long_text}], max_text_tokens=None)["input_ids"]
+    cut = build_inputs(processor, [{"text": long_text}], max_text_tokens=20)["input_ids"]
+    short = build_inputs(processor, [{"text": "a dog"}], max_text_tokens=20)["input_ids"]
+    assert full.shape[1] > 2000 and cut.shape[1] < short.shape[1] + 25
+    assert torch.equal(cut[0, -8:], short[0, -8:])  # same instruction and generation prompt at the end
+    targets = build_inputs(processor, [{"text": "a"}], targets=[long_text], max_text_tokens=20)
+    assert (targets["labels"] != -100).sum() <= 22  # the answer is cut too (+ end of turn)
+    assert backbone.truncate_text(processor.tokenizer, "a dog", 20) == ("a dog", False)
+
+
+def test_embedder_counts_cut_texts(omni_dir):
+    model, processor = backbone.load(omni_dir, device="cpu")
+    embedder = Embedder(model, processor, progress=False, max_text_tokens=10)
+    vectors = embedder.embed_texts(["a dog", "two stars " * 50, "two stars " * 60])
+    assert embedder.truncated == 2
+    torch.testing.assert_close(vectors[1], vectors[2], atol=ATOL, rtol=0)  # both cut to the same 10 tokens
+
+
+def test_image_files_reach_the_processor_within_its_pixel_budget(omni_dir, tmp_path, monkeypatch):
+    from lco_mini import media
+
+    processor = backbone.load_processor(omni_dir)
+    budget = backbone.image_budget(processor)
+    _image(600, 400, 5).save(tmp_path / "big.png")
+    seen = []
+    real_loader = media.LOADERS["image"]
+    monkeypatch.setitem(media.LOADERS, "image", lambda x: seen.append(real_loader(x)) or seen[-1])
+    build_inputs(processor, [{"image": tmp_path / "big.png"}, {"image": IMAGES[0]}])
+    assert budget == 128 * 128 and [img.width * img.height <= budget for img in seen] == [True, True]
+    assert seen[1].size == IMAGES[0].size  # an image within the budget is left as it is
+
+
+def test_a_36_megapixel_png_costs_little_more_memory_than_its_pixels(omni_dir, tmp_path):
+    """Peak memory of build_inputs on a 6000 x 6000 PNG (108 MB of RGB): under 2x that, because the
+    budget is applied right after decoding (it was 4.5x: the processor worked at full size)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    Image.new("RGB", (6000, 6000), (200, 30, 30)).save(tmp_path / "big.png", compress_level=1)
+    probe = ("import resource, sys; from lco_mini import backbone; from transformers import AutoProcessor\n"
+             "processor = AutoProcessor.from_pretrained(sys.argv[1])\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "backbone.build_inputs(processor, [{'image': sys.argv[2]}])\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", probe, str(omni_dir), str(tmp_path / "big.png")], cwd=root,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    grown_mb = int(result.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    assert grown_mb < 2 * 6000 * 6000 * 3 / 2**20, f"{grown_mb:.0f} MB"
