@@ -21,7 +21,9 @@ What happens, top to bottom:
                   for the tiny default, (c) a control: the same contrastive learning on a model
                   that never had generative pretraining.
 Outputs in --out: base/ (pretrained model), adapter/ (peft-compatible LoRA files),
-merged/ (what `python embed.py` uses by default), control/ (the control's merged model), eval.json, config.json, *.ckpt.pt.
+merged/ (what `python embed.py` uses by default), control/ (the control's merged model), eval.json,
+run_config.json (the options), *.ckpt.pt. Nothing is deleted or written before every option, the
+data and the output folder have been checked; inputs are never deleted (see lco_mini/runs.py).
 """
 from __future__ import annotations
 
@@ -44,13 +46,13 @@ import numpy as np
 import torch
 import transformers
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, tiny
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
 from lco_mini.tasks import PRETRAIN_MIX, parse_mix, world_caption_examples, world_pair_examples
 from lco_mini.kernels import infonce
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=["pretrain", "contrastive", "all"], default="all",
                    help="which stage(s) to run (default: all = pretrain, contrastive, evaluate)")
     p.add_argument("--model", default="tiny",
@@ -59,49 +61,57 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
-    p.add_argument("--pretrain-steps", type=int, default=None, help="generative steps (tiny: 520; real: 0 unless --pretrain-data)")
-    p.add_argument("--pretrain-batch", type=int, default=32, help="sequences per generative step")
-    p.add_argument("--pretrain-lr", type=float, default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
-    p.add_argument("--pretrain-warmup", type=int, default=3, help="generative warm-up steps")
+    p.add_argument("--pretrain-steps", type=runs.number(low=0), default=None, help="generative steps (tiny: 520; real: 0 unless --pretrain-data)")
+    p.add_argument("--pretrain-batch", type=runs.number(low=1), default=32, help="sequences per generative step")
+    p.add_argument("--pretrain-lr", type=runs.number(float, above=0), default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
+    p.add_argument("--pretrain-warmup", type=runs.number(low=0), default=3, help="generative warm-up steps")
     p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
                    help="tiny pretraining tasks: generic describe/rephrase instructions, or the embedding prompt itself")
     p.add_argument("--pretrain-mix", type=parse_mix, default=dict(PRETRAIN_MIX), metavar="M=SHARE,...",
                    help="tiny pretraining: the share of each modality, e.g. audio=0.35,text=0.25; unlisted "
                         "modalities keep their default share, then all are rescaled to sum to 1 "
                         f"(default: {','.join(f'{m}={v}' for m, v in PRETRAIN_MIX.items())})")
-    p.add_argument("--pretrain-qa", type=float, default=0.0,
+    p.add_argument("--pretrain-qa", type=runs.number(float, low=0, high=1), default=0.0,
                    help="tiny pretraining: share of image/video/audio examples that are one-attribute questions")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
-    p.add_argument("--steps", type=int, default=None, help="contrastive steps (tiny: 45; on three seeds 30 moved fewer modalities past the base, 60 more but would take the default run past 10 min; real: 1000)")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step, across all processes (the paper: 1056)")
-    p.add_argument("--micro-batch", type=int, default=0,
+    p.add_argument("--steps", type=runs.number(low=1), default=None, help="contrastive steps (tiny: 45; on three seeds 30 moved fewer modalities past the base, 60 more but would take the default run past 10 min; real: 1000)")
+    p.add_argument("--batch-size", type=runs.number(low=1), default=32, help="pairs per step, across all processes (the paper: 1056)")
+    p.add_argument("--micro-batch", type=runs.number(low=0), default=0,
                    help="items per forward pass with GradCache; 0 = the whole batch at once. "
                         "Unlike gradient accumulation this keeps every in-batch negative")
     p.add_argument("--hard-negatives", type=int, choices=[0, 1], default=1, help="use the hard negative of each pair")
-    p.add_argument("--multimodal-ratio", type=float, default=0.0,
+    p.add_argument("--multimodal-ratio", type=runs.number(float, low=0, high=1), default=0.0,
                    help="fraction of pairs replaced by multimodal calibration pairs (media -> caption); paper: ~0.2")
-    p.add_argument("--temperature", type=float, default=0.03, help="InfoNCE temperature (paper: 0.03)")
-    p.add_argument("--lr", type=float, default=None, help="contrastive peak lr (tiny: 1e-3, paper: 4e-4)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: 10%% of steps, at most 100)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--lora-r", type=int, default=None, help="LoRA rank (tiny: 16, real: 64)")
-    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (tiny: 32, real: 128)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout")
+    p.add_argument("--temperature", type=runs.number(float, above=0), default=0.03, help="InfoNCE temperature (paper: 0.03)")
+    p.add_argument("--lr", type=runs.number(float, above=0), default=None, help="contrastive peak lr (tiny: 1e-3, paper: 4e-4)")
+    p.add_argument("--warmup", type=runs.number(low=0), default=None, help="warm-up steps (default: 10%% of steps, at most 100)")
+    p.add_argument("--weight-decay", type=runs.number(float, low=0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--grad-clip", type=runs.number(float, low=0), default=1.0, help="clip the global gradient norm (0 = off)")
+    p.add_argument("--lora-r", type=runs.number(low=1), default=None, help="LoRA rank (tiny: 16, real: 64)")
+    p.add_argument("--lora-alpha", type=runs.number(float, above=0), default=None, help="LoRA alpha (tiny: 32, real: 128)")
+    p.add_argument("--lora-dropout", type=runs.number(float, low=0, below=1), default=0.05, help="LoRA dropout")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad jsonl lines instead of stopping")
     # evaluation, logging, checkpoints
-    p.add_argument("--eval-n", type=int, default=300, help="held-out queries per retrieval task (300: a standard error of ~2 points at R@1 = 10%%)")
+    p.add_argument("--eval-n", type=runs.number(low=1), default=300, help="held-out queries per retrieval task (300: a standard error of ~2 points at R@1 = 10%%)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
     p.add_argument("--no-control", action="store_true", help="skip the random-init control run (tiny only)")
-    p.add_argument("--log-every", type=int, default=25, help="print a log line every N steps")
-    p.add_argument("--ckpt-every", type=int, default=50, help="write a checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    p.add_argument("--log-every", type=runs.number(low=1), default=25, help="print a log line every N steps")
+    p.add_argument("--ckpt-every", type=runs.number(low=1), default=50, help="write a checkpoint every N steps")
+    p.add_argument("--max-text-tokens", type=runs.number(low=1), default=media.MAX_TEXT_TOKENS,
+                   help="cut every text to this many tokens, in training and evaluation (as embed.py does; "
+                        "the official code: 650); the tiny world's texts are far shorter")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier run in --out (only what this run's stages write; never an input)")
     p.add_argument("--tiny-size", default="default", choices=sorted(tiny.SIZES),
                    help="size preset of the tiny model (smoke = for tests)")
     args = p.parse_args(argv)
+    runs.check_device(p, args.device)
+    if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
+        p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
     is_tiny = args.model == "tiny"
     defaults = dict(pretrain_steps=520 if is_tiny else 0, pretrain_lr=4e-4 if is_tiny else 1e-4,
                     steps=45 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
@@ -210,8 +220,11 @@ def train_loop(name: str, model, steps: int, peak_lr: float, warmup: int, loss_f
     start, losses = 0, []
     state = checkpoint.load(ckpt_path) if args.resume else None
     if state is not None:
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.load_trainable(model, state, ckpt_path)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise checkpoint.CheckpointError(f"{ckpt_path}: its optimizer state does not fit ({e})") from None
         checkpoint.set_rng_state(state["rng"])
         start, losses = state["step"], state["losses"]
         say(f"{name}: resumed from {ckpt_path} at step {start}")
@@ -270,7 +283,7 @@ def build_tiny_once(args, out: Path) -> Path:
     return out / "init"
 
 
-def run_pretrain(args, device, out: Path) -> Path:
+def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     """Stage 1: generative training. Returns the folder of the pretrained base model."""
     base = out / "base"
     if args.resume and base.exists():
@@ -284,11 +297,8 @@ def run_pretrain(args, device, out: Path) -> Path:
         source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
                                                      args.pretrain_task, args.pretrain_mix, args.pretrain_qa)
     else:
-        if not args.pretrain_data:
-            raise TrainingError("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
-        pairs, bad = data.read_jsonl(args.pretrain_data, skip_bad=args.skip_bad)
-        say(f"pretrain: {len(pairs)} examples from {args.pretrain_data}" + (f", {bad} bad lines skipped" if bad else ""))
         model, processor = backbone.load(args.model, device=device)
+        cut_long_texts(pairs, processor, args, "pretrain")
         lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
         source = lambda step: [(p.anchor, p.positive["text"]) for p in
@@ -309,22 +319,42 @@ def run_pretrain(args, device, out: Path) -> Path:
     return base
 
 
-def contrastive_source(args):
+def read_pairs(path: str, args, name: str) -> list:
+    """A jsonl dataset, every line and file checked now (before any output is touched)."""
+    pairs, bad = data.read_jsonl(path, skip_bad=args.skip_bad)
+    say(f"{name}: {len(pairs)} pairs from {path}" + (f", {bad} bad lines skipped" if bad else ""))
+    if name == "contrastive" and args.hard_negatives and any(p.negative is None for p in pairs):
+        raise TrainingError(f"{path}: some lines have no 'negative'; pass --hard-negatives 0 to train without")
+    return pairs
+
+
+def check_backbone_takes(pairs: list, path: str, args) -> None:
+    """The data's modalities against the backbone's processor (see data.check_processor_takes)."""
+    if args.model != "tiny" and not all(data.is_text_only(p) for p in pairs):  # tiny: an omni model
+        data.check_processor_takes(pairs, backbone.load_processor(backbone.load_config(args.model)[0]), path)
+
+
+def cut_long_texts(pairs: list | None, processor, args, name: str) -> None:
+    """Cut the dataset's texts once (build_inputs would at every step), and never silently."""
+    cut = data.cut_texts(pairs or [], processor.tokenizer, args.max_text_tokens)
+    if cut:
+        say(f"{name}: {cut} texts longer than --max-text-tokens {args.max_text_tokens} are cut to it")
+
+
+def contrastive_source(args, pairs: list | None):
     """step -> list of (anchor, positive, negative) item dicts, for the global batch."""
-    if args.data:
-        pairs, bad = data.read_jsonl(args.data, skip_bad=args.skip_bad)
-        say(f"contrastive: {len(pairs)} pairs from {args.data}" + (f", {bad} bad lines skipped" if bad else ""))
-        if args.hard_negatives and any(p.negative is None for p in pairs):
-            raise TrainingError(f"{args.data}: some lines have no 'negative'; pass --hard-negatives 0 to train without")
+    if pairs is not None:
         return lambda step: [(p.anchor, p.positive, p.negative) for p in
                              jsonl_examples(pairs, args.batch_size, batch_seed(args, "contrastive", step))]
     return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step), args.multimodal_ratio)
 
 
-def run_contrastive(args, device, base: Path, out: Path, source, name: str = "contrastive"):
-    """Stage 2: text-only InfoNCE with LoRA on the language model, on the batches of
-    `source` (see contrastive_source). Returns the merged model and its processor."""
+def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, name: str = "contrastive"):
+    """Stage 2: text-only InfoNCE with LoRA on the language model, on the jsonl pairs or the
+    world's (see contrastive_source). Returns the merged model and its processor."""
     model, processor = backbone.load(base, device=device)
+    cut_long_texts(pairs, processor, args, name)
+    source = contrastive_source(args, pairs)
     lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
     if device.type == "cuda":
@@ -354,7 +384,8 @@ def evaluate_models(args, device, out: Path, runs: dict) -> None:
     results = {}
     for name, (model, processor) in runs.items():
         say(f"evaluating {name} ...")
-        embedder = backbone.Embedder(model, processor, batch_size=32, device=device, progress=False)
+        embedder = backbone.Embedder(model, processor, batch_size=32, device=device, progress=False,
+                                     max_text_tokens=args.max_text_tokens)
         results[name] = evaluation.evaluate(embedder, n=args.eval_n, seed=args.seed + 1234)
     evaluation.save(results, out / "eval.json")
     say("\nheld-out retrieval (%):\n" + evaluation.format_table(results) + f"\nsaved to {out / 'eval.json'}")
@@ -362,21 +393,27 @@ def evaluate_models(args, device, out: Path, runs: dict) -> None:
 
 # ----------------------------------------------------------------------------- main
 
-STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
-                 "contrastive": ["adapter", "merged", "control", "contrastive.ckpt.pt", "control.ckpt.pt"]}
-
-
-def check_output_folder(args, out: Path) -> None:
-    """Never silently overwrite what an earlier run wrote (that would be lost work)."""
-    stages = ["pretrain", "contrastive"] if args.stage == "all" else [args.stage]
-    existing = [name for stage in stages for name in STAGE_OUTPUTS[stage] if (out / name).exists()]
-    if existing and not (args.resume or args.overwrite):
-        raise TrainingError(f"{out}/ already holds a run ({', '.join(existing)}): pass --resume to continue "
-                            f"it, --overwrite to replace it, or --out to write elsewhere")
-    if args.overwrite and distributed.is_main():
-        for name in existing:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
+    """Everything that can fail before the first step, checked before anything is deleted:
+    the model source, the data (every line and file), the output folder, what --resume continues.
+    Returns (what --overwrite deletes, contrastive pairs, pretraining pairs)."""
+    if args.model != "tiny":
+        try:
+            backbone.load_config(args.model)
+        except OSError as e:  # no such folder, a file, no config.json, the hub unreachable
+            raise TrainingError(" ".join(str(e).split())) from None
+    stages = runs.stages_run(args)
+    pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
+    pretrain_pairs = None
+    if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
+        pretrain_pairs = read_pairs(args.pretrain_data, args, "pretrain")
+    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data)):
+        if dataset:
+            check_backbone_takes(dataset, path, args)
+    replaced = runs.check_output_folder(args, out)
+    if args.resume:
+        say(runs.resume_plan(args, out))
+    return replaced, pairs, pretrain_pairs
 
 
 def main(argv=None) -> None:
@@ -388,18 +425,20 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     out = Path(args.out)
-    check_output_folder(args, out)
+    replaced, pairs, pretrain_pairs = check_run(args, out)
+    if replaced and distributed.is_main():
+        say(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
+        runs.delete(replaced)
+    distributed.barrier()
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
-        (out / "config.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        (out / runs.RUN_CONFIG).write_text(json.dumps(vars(args), indent=2) + "\n")
     say(f"device: {device} | processes: {world_size} | torch {torch.__version__} | threads {torch.get_num_threads()}")
     t0 = time.time()
 
-    # read and validate the contrastive data once, before any training: a bad line fails now
-    source = contrastive_source(args) if args.stage != "pretrain" else None
     base = Path(args.model)
-    if args.stage in ("pretrain", "all") and (args.model == "tiny" or args.pretrain_data):
-        base = run_pretrain(args, device, out)
+    if "pretrain" in runs.stages_run(args):
+        base = run_pretrain(args, device, out, pretrain_pairs)
     elif args.model == "tiny":
         base = out / "base"
         if not base.exists():
@@ -408,16 +447,17 @@ def main(argv=None) -> None:
         say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
         return
 
-    merged = run_contrastive(args, device, base, out, source)
-    runs = {}
+    merged = run_contrastive(args, device, base, out, pairs)
+    runs_to_evaluate = {}
     if not args.no_eval:
-        runs["(a) base"] = backbone.load(base, device=device)
-        runs["(b) text-only CL"] = merged
+        runs_to_evaluate["(a) base"] = backbone.load(base, device=device)
+        runs_to_evaluate["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
             init = build_tiny_once(args, out)
-            runs["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, source, name="control")
+            runs_to_evaluate["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, pairs,
+                                                                               name="control")
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
-            evaluate_models(args, device, out, runs)
+            evaluate_models(args, device, out, runs_to_evaluate)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
         f"Embed with: python embed.py --model {out / 'merged'} FILE")
     distributed.cleanup()
@@ -426,6 +466,6 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (TrainingError, data.DataError) as err:
+    except (TrainingError, data.DataError, runs.RunError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

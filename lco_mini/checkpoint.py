@@ -46,13 +46,50 @@ def save(obj: dict, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+KEYS = ("model", "optimizer", "rng", "step", "losses", "config")  # what train.py writes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
+
+
 def load(path: str | Path) -> dict | None:
-    """The checkpoint at path, or None when there is none."""
+    """The checkpoint at path, or None when there is none; an unreadable one is a CheckpointError
+    (a file cut short by a full disk, or not ours) rather than a traceback from deep in pickle."""
     path = Path(path)
     if not path.exists():
         return None
-    # weights_only=False: the dict holds numpy RNG state and the config, written by us.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:  # weights_only=False: the dict holds numpy RNG state and the config, written by us
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises RuntimeError, EOFError, UnpicklingError, ... on a bad file
+        reason = " ".join(str(e).split())[:200]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason}); "
+                              f"delete it to restart that stage, or pass --overwrite") from None
+    if not isinstance(state, dict) or set(KEYS) - set(state):
+        raise CheckpointError(f"{path}: not a train.py checkpoint (expected the keys {', '.join(KEYS)})")
+    return state
+
+
+def load_trainable(model: torch.nn.Module, state: dict, path) -> None:
+    """Load the trainable weights of `state` into model, strictly: the checkpoint must hold every
+    trainable parameter, nothing else, in the same shapes (a silent partial load would resume a
+    different model)."""
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(state["model"])), sorted(set(state["model"]) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model being trained: {len(missing)} trainable "
+                              f"weights missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}")
+    try:
+        model.load_state_dict(state["model"], strict=False)  # strict=False: frozen weights are not in it
+    except RuntimeError as e:  # a shape mismatch
+        raise CheckpointError(f"{path}: does not fit the model being trained ({' '.join(str(e).split())[:300]})") from None
+
+
+def config_changes(saved: dict, current: dict, keys) -> list[str]:
+    """'key: saved -> current' for each of keys whose value differs (keys the saved config lacks,
+    from an older version, are not compared)."""
+    return [f"{key} {saved[key]!r} -> {current.get(key)!r}" for key in keys
+            if key in saved and saved[key] != current.get(key)]
 
 
 def trainable_state(model: torch.nn.Module) -> dict:

@@ -143,6 +143,36 @@ def _read_lines(path: Path) -> list[str]:
     return lines
 
 
+def check_processor_takes(pairs: list[Pair], processor, path) -> None:
+    """Build one batch per kind of item (image, audio, image + text, ...) with the backbone's
+    processor: a modality it cannot take (audio for a VL model) fails now, naming the line, and
+    not an hour into training."""
+    from lco_mini import backbone  # lazily: reading a dataset needs no torch
+
+    first = {}
+    for pair in pairs:
+        for item in (pair.anchor, pair.positive, pair.negative or {}):
+            first.setdefault(tuple(sorted(item)), (pair.line, item))
+    for line, item in first.values():
+        try:
+            backbone.build_inputs(processor, [item])
+        except ValueError as err:
+            raise DataError(f"{path}: line {line}: {' '.join(str(err).split())}") from None
+
+
+def cut_texts(pairs: list[Pair], tokenizer, max_tokens: int) -> int:
+    """Cut every text to max_tokens tokens (backbone.truncate_text), in place; returns how many were cut."""
+    from lco_mini import backbone
+
+    cut = 0
+    for pair in pairs:
+        for item in (pair.anchor, pair.positive, pair.negative):
+            if item and "text" in item:
+                item["text"], was_cut = backbone.truncate_text(tokenizer, item["text"], max_tokens)
+                cut += was_cut
+    return cut
+
+
 def is_text_only(pair: Pair) -> bool:
     sides = [pair.anchor, pair.positive] + ([pair.negative] if pair.negative else [])
     return all(set(side) == {"text"} for side in sides)

@@ -1,0 +1,170 @@
+"""The output folder of a training run: what a run reads and writes there, and what --resume continues.
+
+Three rules keep a user's work safe, all checked before anything is deleted or written:
+  1. a run never deletes, replaces or writes into one of its inputs (the --model folder, the data
+     files): `--out` may hold the model (out/base is how the tiny model's stages meet), never the
+     other way round;
+  2. an earlier run is replaced only with --overwrite, which deletes only what the stages of this
+     run write (and never an input); --resume continues it instead, the two are exclusive;
+  3. --resume continues only the same run: a checkpoint whose configuration differs in anything that
+     shapes the result is refused, with the differing keys named, and a resume with nothing to
+     resume is an error, not a silent fresh start.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from lco_mini import checkpoint
+
+# What each stage writes into --out (run_config.json, written by every run, is not a result).
+STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
+                 "contrastive": ["adapter", "merged", "control", "contrastive.ckpt.pt", "control.ckpt.pt", "eval.json"]}
+RUN_CONFIG = "run_config.json"  # not config.json: that name belongs to model folders
+
+# The options that shape what a stage computes; the rest (logging, --out, --device...) do not.
+SHARED_KEYS = ("model", "seed", "tiny_size", "weight_decay", "grad_clip", "lora_r", "lora_alpha", "lora_dropout",
+               "max_text_tokens")
+RUN_KEYS = {
+    "pretrain": SHARED_KEYS + ("pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "pretrain_task",
+                               "pretrain_mix", "pretrain_qa", "pretrain_data"),
+    "contrastive": SHARED_KEYS + ("data", "steps", "batch_size", "micro_batch", "hard_negatives", "multimodal_ratio",
+                                  "temperature", "lr", "warmup"),
+}
+
+
+class RunError(ValueError):
+    """A run that must not start (it would lose work, or is not what the user asked for)."""
+
+
+# ----------------------------------------------------------------------------- options
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other user mistake (not usage + error)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def number(kind=int, low=None, above=None, high=None, below=None):
+    """An argparse type: an int or finite float within the given bounds (a bad value exits 2 naming
+    the option, before any work: --steps 0 or --lr -1 would train nothing, or fail after a step)."""
+    bounds = [(b, sign, test) for b, sign, test in [(low, ">=", operator.ge), (above, ">", operator.gt),
+                                                    (high, "<=", operator.le), (below, "<", operator.lt)] if b is not None]
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        for bound, sign, test in bounds:
+            if not (math.isfinite(value) and test(value, bound)):
+                raise argparse.ArgumentTypeError(f"must be {sign} {bound}, got {text}")
+        return value
+    return parse
+
+
+def check_device(p: Parser, device: str | None) -> None:
+    if device is None:
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        p.error(f"argument --device: {device!r} is not a device (cpu, cuda, cuda:1 ...)")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"argument --device: {device}: no CUDA GPU is available here (use --device cpu)")
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def stages_run(args) -> list[str]:
+    """The stages this run trains: pretraining only for the tiny model or with --pretrain-data."""
+    pretrains = args.stage != "contrastive" and (args.model == "tiny" or bool(args.pretrain_data))
+    return (["pretrain"] if pretrains else []) + (["contrastive"] if args.stage != "pretrain" else [])
+
+
+def inputs_of(args, out: Path) -> dict[Path, str]:
+    """path -> what it is, for everything this run reads from disk."""
+    inputs = {}
+    if args.model != "tiny" and Path(args.model).expanduser().exists():
+        inputs[Path(args.model).expanduser()] = "the --model folder"
+    elif args.model == "tiny" and "pretrain" not in stages_run(args):
+        inputs[out / "base"] = "the pretrained base model"
+    for flag, path in (("--data", args.data), ("--pretrain-data", args.pretrain_data)):
+        if path:
+            inputs[Path(path).expanduser()] = f"the {flag} file"
+    return inputs
+
+
+def _contains(folder: Path, path: Path) -> bool:
+    folder, path = folder.resolve(), path.resolve()
+    return path == folder or folder in path.parents
+
+
+def written_by(args, out: Path) -> list[Path]:
+    """Every path in --out this run may create or replace."""
+    return [out / RUN_CONFIG] + [out / name for stage in stages_run(args) for name in STAGE_OUTPUTS[stage]]
+
+
+def check_output_folder(args, out: Path) -> list[Path]:
+    """Refuse a run that would lose work; returns what --overwrite will delete (nothing is deleted here)."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    inputs = inputs_of(args, out)
+    for path in written_by(args, out):
+        for source, what in inputs.items():
+            if _contains(path, source) or (source.is_dir() and _contains(source, path)):
+                raise RunError(f"--out {out}: this run would write {path}, which is or is inside {what} "
+                               f"{source}; choose another --out")
+    existing = [out / name for stage in stages_run(args) for name in STAGE_OUTPUTS[stage] if (out / name).exists()]
+    if existing and not (args.resume or args.overwrite):
+        raise RunError(f"{out}/ already holds a run ({', '.join(p.name for p in existing)}): pass --resume to "
+                       f"continue it, --overwrite to replace it, or --out to write elsewhere")
+    return existing if args.overwrite else []
+
+
+def delete(paths: list[Path]) -> None:
+    """The earlier run's outputs, once everything has been checked."""
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def checkpoints_of(args, out: Path) -> list[tuple[str, str, Path]]:
+    """(loop name, stage whose options shape it, checkpoint path) for each training loop of this run."""
+    loops = [(stage, stage) for stage in stages_run(args)]
+    if "contrastive" in stages_run(args) and args.model == "tiny" and not (args.no_eval or args.no_control):
+        loops.append(("control", "contrastive"))
+    return [(name, stage, out / f"{name}.ckpt.pt") for name, stage in loops]
+
+
+def resume_plan(args, out: Path) -> str:
+    """What --resume continues, one line; RunError when there is nothing to resume or the run
+    in --out was made with different options; CheckpointError for an unreadable checkpoint."""
+    if not out.is_dir():
+        raise RunError(f"--resume: {out} does not exist, so there is nothing to resume (is --out right?)")
+    parts, found = [], False
+    for name, stage, path in checkpoints_of(args, out):
+        state = checkpoint.load(path)
+        if state is not None:
+            changes = checkpoint.config_changes(state["config"], vars(args), RUN_KEYS[stage])
+            if changes:
+                raise RunError(f"--resume: {path} was written with other options ({'; '.join(changes)}); "
+                               f"pass the same options, or --overwrite to start again")
+        total = args.pretrain_steps if stage == "pretrain" else args.steps
+        if name == "pretrain" and (out / "base").is_dir():
+            parts.append(f"pretrain is complete ({out / 'base'})")
+        elif state is not None:
+            parts.append(f"{name} continues at step {state['step']} of {total}")
+        else:
+            parts.append(f"{name} starts at step 0")
+        found |= state is not None or (name == "pretrain" and (out / "base").is_dir())
+    if not found:
+        raise RunError(f"--resume: nothing to resume in {out} (no checkpoint of this run's stages); "
+                       f"run without --resume to start")
+    return "resume: " + "; ".join(parts)
