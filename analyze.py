@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from lco_mini import analysis, checkpoint, data, plots, world
+from lco_mini import analysis, checkpoint, data, plots, sources, world
 
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
@@ -91,12 +91,10 @@ def model_list(args) -> list[str]:
             if not Path(model).is_dir():
                 fail(f"{model}: no such folder; run `python train.py` first (or pass --run / --model)")
     for model in models:
-        path = Path(model).expanduser()
-        if path.exists() and not (path / "config.json").is_file():
-            fail(f"{model}: not a model folder (no config.json)")
-        looks_local = model.startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir())
-        if not path.exists() and looks_local:  # not a hub id: say so now, not after the hub's retries
-            fail(f"{model}: no such folder")
+        try:
+            sources.model_source(model)
+        except OSError as error:
+            fail(str(error))
     return models
 
 
@@ -154,7 +152,11 @@ def embed_groups(args, model: str, groups: dict) -> dict[str, dict[str, torch.Te
     """group -> {"media": [L + 1, n, D], "text": [L + 1, n, D]} at every layer, from the cache when
     it is there. Groups the backbone cannot take are left out, with one line each."""
     path = cache_path(args, model)
-    cached = checkpoint.load(path)
+    try:
+        cached = checkpoint.load(path, keys=("groups", "skipped", "processor"))
+    except checkpoint.CheckpointError as error:  # cut short by a full disk, say: it is only a cache
+        print(f"{error}; computing it again")
+        cached = None
     if cached is None:
         from lco_mini import backbone  # lazy: a cached rerun needs no model
         transformers.utils.logging.disable_progress_bar()  # our own progress bar says what happens

@@ -26,11 +26,15 @@ from pathlib import Path
 
 import numpy as np
 
-from lco_mini import media
+from lco_mini import media, sources
 
 DEFAULT_MODEL = "out/merged"  # the folder `python train.py` writes
 PREVIEW_VALUES = 4  # how many leading values to print per vector
 OUT_FORMATS = (".npy", ".jsonl")
+# Images are decoded to at most this many pixels before the model is known: the largest budget of
+# the supported processors (Qwen2-VL's max_pixels), so a huge photo never sits in memory whole.
+# The model's processor then shrinks them to its own budget.
+DECODE_MAX_PIXELS = 12_845_056
 
 
 def fail(message: str):
@@ -64,7 +68,8 @@ def decode_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, ob
     for path in paths:
         try:
             modality = media.modality_of(path)
-            decoded.append((path, modality, media.LOADERS[modality](path)))
+            load = media.LOADERS[modality]
+            decoded.append((path, modality, load(path, max_pixels=DECODE_MAX_PIXELS) if modality == "image" else load(path)))
         except media.MediaError as e:  # its message already names the file
             fail(str(e))
     for i, text in enumerate(texts, 1):
@@ -76,32 +81,85 @@ def decode_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, ob
     return decoded
 
 
-def looks_like_folder(name: str) -> bool:
-    """'./m', '/abs/m', 'runs/a/merged' are folders; 'Qwen/Qwen2.5-Omni-3B' (org/name) may be a hub id."""
-    return Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-
-
 def check_model(model: str, adapter: str | None) -> None:
     """Missing model / adapter folders are user mistakes too: say so before importing torch."""
-    folder = Path(model).expanduser()
-    if model == DEFAULT_MODEL and not folder.exists():
+    if model == DEFAULT_MODEL and not Path(model).exists():
         fail(f"no model at {DEFAULT_MODEL}: run `python train.py` first (a few minutes on a CPU), or pass --model")
-    if looks_like_folder(model):
-        if not folder.is_dir():
-            fail(f"{model}: no such model folder (--model takes a folder or a hub id such as Qwen/Qwen2.5-Omni-3B)")
-        if not (folder / "config.json").is_file():
-            fail(f"{model}: not a model folder (no config.json); for a LoRA adapter folder use --adapter")
-    if adapter is not None and not (Path(adapter).expanduser() / "adapter_config.json").is_file():
+    try:
+        sources.model_source(model)
+    except OSError as e:
+        fail(f"{e} (--model takes a model folder or a hub id such as Qwen/Qwen2.5-Omni-3B)")
+    if adapter is not None:
+        check_adapter(model, adapter)
+
+
+def check_adapter(model: str, adapter: str) -> None:
+    """An adapter folder that can be read, and that belongs to --model (not already merged into it)."""
+    folder = Path(adapter).expanduser()
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except FileNotFoundError:
         fail(f"{adapter}: not an adapter folder (no adapter_config.json)")
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        fail(f"{folder / 'adapter_config.json'}: not a readable adapter config ({' '.join(str(e).split())})")
+    if not isinstance(config, dict) or not {"r", "target_modules"} <= set(config):
+        fail(f"{folder / 'adapter_config.json'}: not a LoRA adapter config (no 'r' / 'target_modules')")
+    if not (folder / "adapter_model.safetensors").is_file():
+        fail(f"{adapter}: the adapter's weights are missing ({folder / 'adapter_model.safetensors'})")
+    base = config.get("base_model_name_or_path")
+    if base and Path(base).expanduser().is_dir() and Path(base).resolve() != Path(model).expanduser().resolve():
+        # train.py writes adapter/ next to merged/, which already holds it: applying it would add it twice
+        fail(f"{adapter} was trained on {base}, not on {model}; a merged model already contains its adapter: "
+             f"pass --model {base} --adapter {adapter}, or --model {model} alone")
+    if base and str(base) != model and not Path(base).expanduser().is_dir():
+        print(f"note: {adapter} was trained on {base}; applying it to {model}")
 
 
 def check_out(out: str | None) -> None:
+    """--out must be a new or replaceable file in a folder we may write, before any work is done."""
     if out is None:
         return
-    if Path(out).suffix.lower() not in OUT_FORMATS:
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in OUT_FORMATS:
         fail(f"{out}: --out must end in {' or '.join(OUT_FORMATS)}")
-    if not Path(out).parent.is_dir():
-        fail(f"{out}: folder {Path(out).parent} does not exist")
+    if path.is_dir():
+        fail(f"{out}: is a folder; --out takes a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        fail(f"{out}: folder {folder} does not exist")
+    try:  # try it: permission bits say nothing for root, or on a read-only file system
+        if path.exists():
+            open(path, "ab").close()  # appends nothing: the old file is unchanged until save()
+        else:
+            open(path, "xb").close()
+            path.unlink()
+    except OSError as e:
+        fail(f"{out}: cannot write there ({e.strerror or e})")
+
+
+def check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r}: not a device (cpu, cuda, cuda:1 ...)")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        fail(f"--device {device}: there are {torch.cuda.device_count()} GPUs here")
+
+
+def note_cut_audio(embedder, decoded) -> None:
+    """Audio past the model's window is cut by its processor: say how much is used."""
+    from lco_mini import backbone
+
+    window = backbone.audio_window(embedder.processor)
+    for label, modality, samples in decoded:
+        if modality == "audio" and window and len(samples) > window * 16000:
+            print(f"note: {label}: {len(samples) / 16000:.1f} s of audio; the model uses the first {window:.0f} s")
 
 
 def embed_all(embedder, decoded) -> np.ndarray:
@@ -119,12 +177,17 @@ def embed_all(embedder, decoded) -> np.ndarray:
 
 
 def save(out: str, decoded, vectors: np.ndarray) -> None:
-    if out.lower().endswith(".npy"):
-        np.save(out, vectors)
-    else:
-        with open(out, "w") as f:
-            for (label, modality, _), vector in zip(decoded, vectors):
-                f.write(json.dumps({"input": label, "modality": modality, "vector": vector.tolist()}) + "\n")
+    """Write to exactly the path given (np.save(name) would append .npy to 'X.NPY')."""
+    try:
+        if out.lower().endswith(".npy"):
+            with open(out, "wb") as f:
+                np.save(f, vectors)
+        else:
+            with open(out, "w") as f:
+                for (label, modality, _), vector in zip(decoded, vectors):
+                    f.write(json.dumps({"input": label, "modality": modality, "vector": vector.tolist()}) + "\n")
+    except OSError as e:  # a full disk, say; the checks before the model cover the usual mistakes
+        fail(f"{out}: cannot write it ({e.strerror or e})")
     print(f"saved {len(vectors)} vectors of dim {vectors.shape[1]} to {out}")
 
 
@@ -153,6 +216,9 @@ def print_similarities(decoded, vectors: np.ndarray) -> None:
 
 
 def main(argv=None) -> None:
+    # a file name that is not UTF-8 reaches us as surrogates; print it escaped, not as a traceback
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     args = get_args(argv)
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -163,14 +229,22 @@ def main(argv=None) -> None:
     from lco_mini.backbone import Embedder  # imports torch + transformers: only once the inputs are known good
     import transformers
 
+    check_device(args.device)
     transformers.utils.logging.disable_progress_bar()  # a tiny model loads in a blink; keep the output clean
 
     try:
         embedder = Embedder.from_pretrained(args.model, adapter=args.adapter, device=args.device,
                                             batch_size=args.batch_size)
     except OSError as e:  # a hub id that cannot be found or fetched: transformers raises OSError
-        fail(f"{args.model}: cannot load the model ({str(e).strip().splitlines()[0]})")
+        fail(f"{args.model}: cannot load the model ({' '.join(str(e).split())[:300]})")
+    except ValueError as e:  # an adapter that does not fit the model (lora.load_adapter names it)
+        if args.adapter is None:
+            raise
+        fail(f"--adapter {args.adapter}: {' '.join(str(e).split())[:300]}")
+    note_cut_audio(embedder, decoded)
     vectors = embed_all(embedder, decoded)
+    if embedder.truncated:
+        print(f"note: {embedder.truncated} texts longer than {embedder.max_text_tokens} tokens were cut to it")
 
     if args.out:
         save(args.out, decoded, vectors)

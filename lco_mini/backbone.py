@@ -33,7 +33,6 @@ The split for training: `build_inputs(processor, items)` makes a padded batch
 from __future__ import annotations
 
 import inspect
-import re
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from lco_mini import media, pooling
+from lco_mini import media, pooling, sources
 
 # The paper's prompts, appended after the item inside the user turn.
 PROMPTS = {
@@ -69,38 +68,13 @@ ARCHITECTURES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
 }
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")  # "name" or "owner/name"
 
 
 # ----------------------------------------------------------------------------- loading
 
-def _resolve_source(name_or_path) -> str:
-    """A local folder, or a string that can be a hub id; anything else is a clear error."""
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NotADirectoryError(f"{name}: expected a model folder (config.json, weights), got a file")
-        return str(path)
-    if _looks_like_path(name):  # a typo in a folder name: say so now, not after half a minute of hub retries
-        raise FileNotFoundError(f"{name}: no such folder (read as a local path, not a hub id)")
-    if not HUB_ID.match(name):
-        raise FileNotFoundError(
-            f"{name}: no such folder, and not a Hugging Face hub id like 'Qwen/Qwen2.5-Omni-3B'")
-    return name
-
-
-def _looks_like_path(name: str) -> bool:
-    """'./m', '/abs/m', 'out/mergd', 'runs/a/m', or 'x/m' where a folder x exists here: a path.
-    'Qwen/Qwen2.5-Omni-3B' (owner/name, no folder 'Qwen' here) may be a hub id."""
-    if name.startswith((".", "/", "~", "out/")) or "\\" in name or name.count("/") > 1:
-        return True
-    return "/" in name and Path(name).parent.is_dir()
-
-
 def load_config(name_or_path):
     """(source, config) for a folder or hub id; a hub that cannot be reached is one line (OSError)."""
-    source = _resolve_source(name_or_path)
+    source = sources.model_source(name_or_path)
     try:
         return source, AutoConfig.from_pretrained(source)
     except OSError as e:  # transformers' "couldn't connect to the hub" / "not a valid model identifier"

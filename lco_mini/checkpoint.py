@@ -53,9 +53,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from; the message names the file."""
 
 
-def load(path: str | Path) -> dict | None:
-    """The checkpoint at path, or None when there is none; an unreadable one is a CheckpointError
-    (a file cut short by a full disk, or not ours) rather than a traceback from deep in pickle."""
+def load(path: str | Path, keys=KEYS) -> dict | None:
+    """The checkpoint at path, or None when there is none; an unreadable one, or one without all
+    of `keys`, is a CheckpointError (a file cut short by a full disk, or not ours) rather than a
+    traceback from deep in pickle."""
     path = Path(path)
     if not path.exists():
         return None
@@ -65,8 +66,8 @@ def load(path: str | Path) -> dict | None:
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason}); "
                               f"delete it to restart that stage, or pass --overwrite") from None
-    if not isinstance(state, dict) or set(KEYS) - set(state):
-        raise CheckpointError(f"{path}: not a train.py checkpoint (expected the keys {', '.join(KEYS)})")
+    if not isinstance(state, dict) or set(keys) - set(state):
+        raise CheckpointError(f"{path}: not the file expected here (it lacks the keys {', '.join(keys)})")
     return state
 
 

@@ -251,7 +251,10 @@ def load_adapter(model: nn.Module, directory: str) -> nn.Module:
     with open(os.path.join(directory, ADAPTER_CONFIG)) as f:
         config = json.load(f)
     _check_plain_lora(config)
-    tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    try:
+        tensors = load_file(os.path.join(directory, ADAPTER_WEIGHTS))
+    except Exception as e:  # safetensors raises its own error type for a cut-short or foreign file
+        raise ValueError(f"{os.path.join(directory, ADAPTER_WEIGHTS)}: not readable LoRA weights ({e})") from None
     layers = lora_layers(model)
     if any(m.merged for _, m in layers):
         raise ValueError("load_adapter: unmerge() the model's LoRA layers first")

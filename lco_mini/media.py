@@ -221,7 +221,8 @@ def load_audio(path_or_array, sampling_rate: int = 16000) -> np.ndarray:
         source = Path(path_or_array)
         _check_file(source, "an audio file")
         try:
-            samples, rate = soundfile.read(source, dtype="float32", always_2d=True)  # (frames, channels)
+            with open(source, "rb") as f:  # a file object: libsndfile cannot open a non-UTF-8 file name
+                samples, rate = soundfile.read(f, dtype="float32", always_2d=True)  # (frames, channels)
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
             raise MediaError(source, f"not a readable audio file ({e})") from None
         samples = samples.mean(axis=1)  # mono: the average of the channels

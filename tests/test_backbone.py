@@ -13,7 +13,7 @@ from transformers import (
     Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
-from lco_mini import backbone, lora
+from lco_mini import backbone, lora, sources
 from lco_mini.backbone import PROMPTS, Embedder, build_inputs, embed_batch
 
 ATOL = 1e-5
@@ -184,7 +184,7 @@ def test_load_rejects_missing_folder(tmp_path):
     with pytest.raises(NotADirectoryError):
         backbone.load(tmp_path / "weights.bin")
     # hub ids are passed through to from_pretrained untouched (nothing is downloaded here)
-    assert backbone._resolve_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"
+    assert sources.model_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"
 
 
 def test_full_omni_checkpoint_loads_its_thinker(omni_dir, tmp_path):
@@ -287,8 +287,8 @@ def test_a_missing_path_is_no_such_folder_not_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     for typo in ["runs/mergd", "out/mergd"]:
         with pytest.raises(FileNotFoundError, match=f"{typo}: no such folder"):
-            backbone._resolve_source(typo)
-    assert backbone._resolve_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"  # may be a hub id
+            sources.model_source(typo)
+    assert sources.model_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"  # may be a hub id
 
 
 def test_texts_are_cut_to_max_text_tokens_but_the_prompt_is_kept(omni_dir):

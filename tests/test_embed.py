@@ -126,21 +126,50 @@ def bad_inputs(tmp: Path, model: Path) -> dict:
     data = (tmp / "good.png").read_bytes()
     (tmp / "corrupt.png").write_bytes(data[: len(data) // 2])  # a truncated download
     (tmp / "notes.txt").write_text("not media")
+    Image.new("RGB", (10000, 1)).save(tmp / "line.png")
+    (tmp / "out.npy").mkdir()
+    adapters = {}
+    for name, config in {"malformed": "{not json", "no_weights": {"r": 4, "target_modules": ["q_proj"]},
+                         "unfitting": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]},
+                         "merged": {"r": 4, "target_modules": ["q_proj"], "base_model_name_or_path": str(tmp)}}.items():
+        adapters[name] = tmp / f"adapter_{name}"
+        adapters[name].mkdir()
+        (adapters[name] / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+        if name != "no_weights":
+            import torch
+            from safetensors.torch import save_file
+            save_file({"base_model.model.nope.lora_A.weight": torch.zeros(4, 4)},
+                      adapters[name] / "adapter_model.safetensors")
     m = ["--model", model]
+    good_png = [tmp / "good.png", *m]
     return {
+        "out is a folder": ([*good_png, "--out", tmp / "out.npy"], "out.npy: is a folder"),
+        "out not writable": ([*good_png, "--out", "/proc/emb.npy"], "/proc/emb.npy"),
+        "malformed adapter config": ([*good_png, "--adapter", adapters["malformed"]], "not a readable adapter config"),
+        "missing adapter weights": ([*good_png, "--adapter", adapters["no_weights"]],
+                                    "adapter_no_weights: the adapter's weights are missing"),
+        "adapter does not fit": ([*good_png, "--adapter", adapters["unfitting"]], "does not fit this model"),
+        "adapter already merged": ([*good_png, "--adapter", adapters["merged"]], "already contains its adapter"),
+        "adapter as model": ([tmp / "good.png", "--model", adapters["merged"]], "it is a LoRA adapter: pass it as --adapter"),
+        "no such gpu": ([*good_png, "--device", "cuda:99"], "--device cuda:99"),
+        "bad device": ([*good_png, "--device", "gpu"], "not a device"),
+        "10000 x 1 image": ([tmp / "line.png", *m], "line.png: 10000 x 1 pixels: an aspect ratio over 200:1"),
         "missing file": ([tmp / "nope.png", *m], "nope.png: no such file"),
         "corrupt png": ([tmp / "good.png", tmp / "corrupt.png", *m], "corrupt.png: not a readable image"),
         "unknown extension": ([tmp / "notes.txt", *m], "notes.txt: unsupported file type '.txt'"),
         "empty text": ([tmp / "good.png", "--text", "ok", "--text", "  ", *m], "--text #2"),
         "no inputs": ([*m], "no inputs"),
         "bad --out": ([tmp / "good.png", "--out", tmp / "emb.csv", *m], "emb.csv: --out must end in .npy or .jsonl"),
-        "missing model dir": ([tmp / "good.png", "--model", tmp / "no_model"], "no_model: no such model folder"),
+        "missing model dir": ([tmp / "good.png", "--model", tmp / "no_model"], "no_model: no such folder"),
         "unknown option": ([tmp / "good.png", "--colour", "red", *m], "unrecognized arguments"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "corrupt png", "unknown extension", "empty text",
-                                  "no inputs", "bad --out", "missing model dir", "unknown option"])
+                                  "no inputs", "bad --out", "missing model dir", "unknown option",
+                                  "out is a folder", "out not writable", "malformed adapter config",
+                                  "missing adapter weights", "adapter does not fit", "adapter already merged",
+                                  "adapter as model", "no such gpu", "bad device", "10000 x 1 image"])
 def test_user_mistakes_give_one_line_and_exit_2(case, tmp_path, model_dir):
     args, needle = bad_inputs(tmp_path, model_dir)[case]
     result = run_embed(*args, timeout=60)
@@ -166,3 +195,33 @@ def test_help_documents_the_commands():
     assert result.returncode == 0
     for needle in ["--text", "--out", "--model", "--adapter", "--device", "--batch-size", "emb.npy", "emb.jsonl"]:
         assert needle in result.stdout
+
+
+def test_out_keeps_its_suffix_case_and_names_the_real_file(model_dir, files, tmp_path):
+    out = tmp_path / "X.NPY"
+    result = run_embed(files["image"], "--model", model_dir, "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"to {out}" in result.stdout and out.is_file() and not (tmp_path / "X.NPY.npy").exists()
+    assert np.load(out).shape[0] == 1
+
+
+def test_a_non_utf8_file_name_and_cut_audio_are_reported_not_a_traceback(model_dir, tmp_path):
+    """The name reaches Python as surrogates; a strict UTF-8 stdout must not raise on it. Audio past
+    the model's window (5 s for the tiny model) is cut by the processor: one line says so."""
+    name = os.fsdecode(b"tone-\xff.wav")
+    with open(tmp_path / name, "wb") as f:
+        soundfile.write(f, np.zeros(7 * 16000, np.float32), 16000, format="WAV")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONIOENCODING="utf-8:strict")
+    result = subprocess.run([sys.executable, "embed.py", os.path.join(tmp_path, name), "--model", str(model_dir)],
+                            cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    stdout = result.stdout.decode()
+    assert "tone-\\udcff.wav" in stdout and "Traceback" not in result.stderr.decode(errors="replace")
+    assert "7.0 s of audio; the model uses the first 5 s" in stdout
+
+
+def test_images_are_decoded_within_a_pixel_budget(tmp_path, monkeypatch):
+    Image.new("RGB", (400, 300), "red").save(tmp_path / "big.png")
+    monkeypatch.setattr(embed, "DECODE_MAX_PIXELS", 100 * 100)
+    (_, _, image), = embed.decode_inputs([str(tmp_path / "big.png")], [])
+    assert image.width * image.height <= 100 * 100 and image.width / image.height == pytest.approx(4 / 3, rel=0.05)

@@ -40,7 +40,7 @@ def test_smoke_run_writes_everything_and_evaluates(smoke_run):
     for folder in ["base", "adapter", "merged"]:
         assert (out / folder).is_dir(), folder
     assert (out / "adapter" / "adapter_model.safetensors").exists()
-    config = json.loads((out / "config.json").read_text())
+    config = json.loads((out / "run_config.json").read_text())
     assert config["temperature"] == 0.03 and config["steps"] == 4
     results = json.loads((out / "eval.json").read_text())
     assert set(results) == {"(a) base", "(b) text-only CL", "(c) control: CL, no pretrain"}
