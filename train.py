@@ -463,9 +463,14 @@ def main(argv=None) -> None:
     distributed.cleanup()
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> None:
+    """main(), with a user mistake as one line on stderr and exit code 2 instead of a traceback."""
     try:
-        main()
+        main(argv)
     except (TrainingError, data.DataError, runs.RunError, checkpoint.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

@@ -207,19 +207,6 @@ def test_pretraining_examples_use_generic_instructions_not_the_embedding_prompt(
     assert [(sorted(i), t) for i, t in again] == [(sorted(i), t) for i, t in examples]
 
 
-def test_stage_by_stage_run_is_allowed_but_never_overwrites(tmp_path):
-    """--stage pretrain then --stage contrastive is the documented way to run stages separately."""
-    out = tmp_path / "o"
-    (out / "base").mkdir(parents=True)
-    args = train.get_args(["--stage", "contrastive", "--out", str(out)])
-    train.check_output_folder(args, out)  # only pretraining outputs exist: fine
-    (out / "merged").mkdir()
-    with pytest.raises(train.TrainingError, match=r"already holds a run \(merged\)"):
-        train.check_output_folder(args, out)
-    train.check_output_folder(train.get_args(["--stage", "contrastive", "--out", str(out), "--overwrite"]), out)
-    assert (out / "base").exists() and not (out / "merged").exists()
-
-
 def test_pretrain_mix_flag_sets_shares_and_rejects_bad_input(capsys):
     mix = train.get_args(["--pretrain-mix", "audio=0.45,document=0"]).pretrain_mix
     assert set(mix) == set(tasks.PRETRAIN_MIX) and sum(mix.values()) == pytest.approx(1.0)
