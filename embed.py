@@ -152,6 +152,17 @@ def check_device(device: str | None) -> None:
         fail(f"--device {device}: there are {torch.cuda.device_count()} GPUs here")
 
 
+def check_model_takes(embedder, decoded, model: str) -> None:
+    """An input of a modality the backbone has no tower for (audio for a VL model) is a user mistake."""
+    from lco_mini import backbone
+
+    takes = backbone.input_kinds(embedder.processor)
+    for label, modality, _ in decoded:
+        if modality not in takes:
+            fail(f"{label}: {model} takes no {modality} (its {type(embedder.processor).__name__} takes "
+                 f"{', '.join(takes)})")
+
+
 def note_cut_audio(embedder, decoded) -> None:
     """Audio past the model's window is cut by its processor: say how much is used."""
     from lco_mini import backbone
@@ -241,6 +252,7 @@ def main(argv=None) -> None:
         if args.adapter is None:
             raise
         fail(f"--adapter {args.adapter}: {' '.join(str(e).split())[:300]}")
+    check_model_takes(embedder, decoded, args.model)
     note_cut_audio(embedder, decoded)
     vectors = embed_all(embedder, decoded)
     if embedder.truncated:

@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import functools
 import json
 import math
 import random
@@ -46,8 +47,8 @@ import numpy as np
 import torch
 import transformers
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
-from lco_mini.tasks import PRETRAIN_MIX, parse_mix, world_caption_examples, world_pair_examples
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny, world
+from lco_mini.tasks import PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
 from lco_mini.kernels import infonce
 
 
@@ -61,7 +62,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
-    p.add_argument("--pretrain-steps", type=runs.number(low=0), default=None, help="generative steps (tiny: 520; real: 0 unless --pretrain-data)")
+    p.add_argument("--pretrain-steps", type=runs.number(low=1), default=None, help="generative steps (tiny: 520; real: one epoch of --pretrain-data)")
     p.add_argument("--pretrain-batch", type=runs.number(low=1), default=32, help="sequences per generative step")
     p.add_argument("--pretrain-lr", type=runs.number(float, above=0), default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
     p.add_argument("--pretrain-warmup", type=runs.number(low=0), default=3, help="generative warm-up steps")
@@ -96,6 +97,8 @@ def get_args(argv=None) -> argparse.Namespace:
     # evaluation, logging, checkpoints
     p.add_argument("--eval-n", type=runs.number(low=1), default=300, help="held-out queries per retrieval task (300: a standard error of ~2 points at R@1 = 10%%)")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    p.add_argument("--eval-data", default=None,
+                   help="your own held-out pairs (jsonl): also evaluate anchor -> positive retrieval on them")
     p.add_argument("--no-control", action="store_true", help="skip the random-init control run (tiny only)")
     p.add_argument("--log-every", type=runs.number(low=1), default=25, help="print a log line every N steps")
     p.add_argument("--ckpt-every", type=runs.number(low=1), default=50, help="write a checkpoint every N steps")
@@ -112,8 +115,10 @@ def get_args(argv=None) -> argparse.Namespace:
     runs.check_device(p, args.device)
     if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
         p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
+    if args.model == "tiny" and args.pretrain_data:
+        p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
     is_tiny = args.model == "tiny"
-    defaults = dict(pretrain_steps=520 if is_tiny else 0, pretrain_lr=4e-4 if is_tiny else 1e-4,
+    defaults = dict(pretrain_steps=520 if is_tiny else None, pretrain_lr=4e-4 if is_tiny else 1e-4,
                     steps=45 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
                     lora_r=16 if is_tiny else 64, lora_alpha=32 if is_tiny else 128)
     for key, value in defaults.items():
@@ -133,10 +138,19 @@ def batch_seed(args, stage: str, step: int) -> int:
     return (args.seed * 1_000_003 + {"pretrain": 1, "contrastive": 2}[stage]) * 1_000_003 + step
 
 
-def jsonl_examples(pairs: list, n: int, seed: int) -> list:
-    """n pairs of a jsonl dataset: epoch-wise permutations, indexed by the step's seed."""
-    rng = random.Random(seed)
-    return [pairs[rng.randrange(len(pairs))] for _ in range(n)]
+def jsonl_examples(pairs: list, n: int, step: int, seed: int) -> list:
+    """The n pairs of a step: the step-th slice of a stream of epochs, each a fresh permutation of
+    the dataset, so an epoch visits every pair once (and a batch holds a pair twice only when it
+    spans two epochs). A pure function of (seed, step): a resumed run draws the same pairs."""
+    return [pairs[_epoch_order(len(pairs), seed, i // len(pairs))[i % len(pairs)]]
+            for i in range(step * n, (step + 1) * n)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
 
 
 def local_slice(examples: list) -> list:
@@ -187,13 +201,13 @@ def contrastive_loss(model, processor, triples, args, device) -> torch.Tensor:
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:
-            states.append(torch.get_rng_state())  # replay the same dropout masks in step (3)
+            states.append(checkpoint.rng_state())  # every device's RNG: step (3) replays the same dropout masks
             cached.append(embed_items(model, processor, chunk, device))
     embeddings = torch.cat(cached).detach().requires_grad_()
     loss = loss_of(embeddings)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
-        torch.set_rng_state(state)
+        checkpoint.set_rng_state(state)
         embed_items(model, processor, chunk, device).backward(grad)
     return loss.detach() / distributed.world_size()
 
@@ -291,7 +305,8 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         return base
     if args.model == "tiny":
         init = build_tiny_once(args, out)
-        model, processor = backbone.load(init, device=device)
+        # fp32 master weights (AdamW on bf16 weights would lose small updates); bf16 autocast on CUDA
+        model, processor = backbone.load(init, device=device, dtype=torch.float32)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
         source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
@@ -302,10 +317,11 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
         source = lambda step: [(p.anchor, p.positive["text"]) for p in
-                               jsonl_examples(pairs, args.pretrain_batch, batch_seed(args, "pretrain", step))]
+                               jsonl_examples(pairs, args.pretrain_batch, step, batch_seed(args, "pretrain", 0))]
 
     def step_loss(step):
-        loss = generative_loss(model, processor, local_slice(source(step)), device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = generative_loss(model, processor, local_slice(source(step)), device)
         loss.backward()
         return loss.detach()
 
@@ -341,12 +357,27 @@ def cut_long_texts(pairs: list | None, processor, args, name: str) -> None:
         say(f"{name}: {cut} texts longer than --max-text-tokens {args.max_text_tokens} are cut to it")
 
 
-def contrastive_source(args, pairs: list | None):
-    """step -> list of (anchor, positive, negative) item dicts, for the global batch."""
-    if pairs is not None:
-        return lambda step: [(p.anchor, p.positive, p.negative) for p in
-                             jsonl_examples(pairs, args.batch_size, batch_seed(args, "contrastive", step))]
-    return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step), args.multimodal_ratio)
+def contrastive_source(args, pairs: list | None, processor):
+    """step -> list of (anchor, positive, negative) item dicts, for the global batch. With
+    --multimodal-ratio, that share of each batch is multimodal pairs (the paper's ~20%), the rest text."""
+    seed = batch_seed(args, "contrastive", 0)
+    if pairs is None:
+        takes = backbone.input_kinds(processor)
+        media = tuple(m for m in WORLD_MEDIA if world.MEDIA_KEY[m] in takes)
+        return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step),
+                                                args.multimodal_ratio, media)
+    triples = lambda chosen: [(p.anchor, p.positive, p.negative) for p in chosen]
+    if not args.multimodal_ratio:
+        return lambda step: triples(jsonl_examples(pairs, args.batch_size, step, seed))
+    text, multimodal = split_by_modality(pairs)
+    n_media = round(args.multimodal_ratio * args.batch_size)
+    return lambda step: triples(jsonl_examples(text, args.batch_size - n_media, step, seed)
+                                + jsonl_examples(multimodal, n_media, step, seed + 1))
+
+
+def split_by_modality(pairs: list) -> tuple[list, list]:
+    """(text-only pairs, pairs with an image, audio or video somewhere)."""
+    return [p for p in pairs if data.is_text_only(p)], [p for p in pairs if not data.is_text_only(p)]
 
 
 def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, name: str = "contrastive"):
@@ -354,7 +385,7 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
     world's (see contrastive_source). Returns the merged model and its processor."""
     model, processor = backbone.load(base, device=device)
     cut_long_texts(pairs, processor, args, name)
-    source = contrastive_source(args, pairs)
+    source = contrastive_source(args, pairs, processor)
     lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
     distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
     if device.type == "cuda":
@@ -379,14 +410,17 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
     return model, processor
 
 
-def evaluate_models(args, device, out: Path, runs: dict) -> None:
-    """Held-out retrieval for each (name -> (model, processor)); table printed, JSON saved."""
+def evaluate_models(args, device, out: Path, runs: dict, eval_pairs: list | None) -> None:
+    """Held-out retrieval for each (name -> (model, processor)), on the world and on --eval-data;
+    table printed, JSON saved."""
     results = {}
     for name, (model, processor) in runs.items():
         say(f"evaluating {name} ...")
         embedder = backbone.Embedder(model, processor, batch_size=32, device=device, progress=False,
                                      max_text_tokens=args.max_text_tokens)
         results[name] = evaluation.evaluate(embedder, n=args.eval_n, seed=args.seed + 1234)
+        if eval_pairs is not None:
+            results[name].update(evaluation.evaluate_pairs(embedder, eval_pairs, bool(args.hard_negatives)))
     evaluation.save(results, out / "eval.json")
     say("\nheld-out retrieval (%):\n" + evaluation.format_table(results) + f"\nsaved to {out / 'eval.json'}")
 
@@ -396,7 +430,7 @@ def evaluate_models(args, device, out: Path, runs: dict) -> None:
 def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
     """Everything that can fail before the first step, checked before anything is deleted:
     the model source, the data (every line and file), the output folder, what --resume continues.
-    Returns (what --overwrite deletes, contrastive pairs, pretraining pairs)."""
+    Returns (what --overwrite deletes, contrastive, pretraining and evaluation pairs)."""
     if args.model != "tiny":
         try:
             backbone.load_config(args.model)
@@ -407,13 +441,36 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
     pretrain_pairs = None
     if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
         pretrain_pairs = read_pairs(args.pretrain_data, args, "pretrain")
-    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data)):
+    eval_pairs = read_pairs(args.eval_data, args, "evaluation") if args.eval_data and not args.no_eval else None
+    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data), (eval_pairs, args.eval_data)):
         if dataset:
             check_backbone_takes(dataset, path, args)
+    if pretrain_pairs is not None:
+        check_pretrain_steps(args, pretrain_pairs)
+    if pairs is not None and len(pairs) < args.batch_size:
+        say(f"warning: {args.data} has {len(pairs)} pairs, fewer than one batch of {args.batch_size}: "
+            f"a batch repeats pairs, and a repeated pair is its own false negative")
+    if pairs is not None and args.multimodal_ratio:
+        text, multimodal = split_by_modality(pairs)
+        if not text or not multimodal:
+            raise TrainingError(f"--multimodal-ratio {args.multimodal_ratio} mixes text and multimodal pairs, but "
+                                f"{args.data} has {len(text)} text-only and {len(multimodal)} multimodal pairs")
+    for flag in ("batch_size", "pretrain_batch"):
+        if getattr(args, flag) % distributed.world_size():
+            raise TrainingError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be divisible by the "
+                                f"{distributed.world_size()} processes (each takes an equal share of the batch)")
     replaced = runs.check_output_folder(args, out)
     if args.resume:
         say(runs.resume_plan(args, out))
-    return replaced, pairs, pretrain_pairs
+    return replaced, pairs, pretrain_pairs, eval_pairs
+
+
+def check_pretrain_steps(args, pairs: list) -> None:
+    """Continual pretraining of a real backbone: one epoch of --pretrain-data unless told otherwise."""
+    if args.pretrain_steps is None:
+        epoch = math.ceil(len(pairs) / args.pretrain_batch)
+        args.pretrain_steps = epoch
+        say(f"pretrain: {epoch} steps = one epoch of {len(pairs)} examples at --pretrain-batch {args.pretrain_batch}")
 
 
 def main(argv=None) -> None:
@@ -425,7 +482,7 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     out = Path(args.out)
-    replaced, pairs, pretrain_pairs = check_run(args, out)
+    replaced, pairs, pretrain_pairs, eval_pairs = check_run(args, out)
     if replaced and distributed.is_main():
         say(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
         runs.delete(replaced)
@@ -457,7 +514,7 @@ def main(argv=None) -> None:
             runs_to_evaluate["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, pairs,
                                                                                name="control")
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
-            evaluate_models(args, device, out, runs_to_evaluate)
+            evaluate_models(args, device, out, runs_to_evaluate, eval_pairs)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
         f"Embed with: python embed.py --model {out / 'merged'} FILE")
     distributed.cleanup()

@@ -33,12 +33,22 @@ def recall_at_k(queries: torch.Tensor, candidates: torch.Tensor, targets: torch.
     counts as ranked above it), so a collapsed model that maps everything to one vector
     scores 0 rather than a lucky 1.
     """
+    rank = target_ranks(queries, candidates, targets)
+    return {f"R@{k}": (rank < k).double().mean().item() for k in ks}
+
+
+def target_ranks(queries: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each query's target among the candidates, ties broken pessimistically."""
     scores = similarity(queries, candidates)
     target_scores = scores.gather(1, targets.view(-1, 1))
     others = scores.clone()
     others.scatter_(1, targets.view(-1, 1), float("-inf"))
-    rank = (others >= target_scores).sum(dim=1)  # candidates at least as good as the target
-    return {f"R@{k}": (rank < k).double().mean().item() for k in ks}
+    return (others >= target_scores).sum(dim=1)  # candidates at least as good as the target
+
+
+def mean_reciprocal_rank(queries: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor) -> float:
+    """The mean of 1 / (1-based rank of the target); ties pessimistic, as in recall_at_k."""
+    return (1.0 / (target_ranks(queries, candidates, targets) + 1).double()).mean().item()
 
 
 # ----------------------------------------------------------------------------- why it works: geometry

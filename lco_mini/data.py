@@ -151,7 +151,7 @@ def check_processor_takes(pairs: list[Pair], processor, path) -> None:
 
     first = {}
     for pair in pairs:
-        for item in (pair.anchor, pair.positive, pair.negative or {}):
+        for item in filter(None, (pair.anchor, pair.positive, pair.negative)):  # the negative is optional
             first.setdefault(tuple(sorted(item)), (pair.line, item))
     for line, item in first.values():
         try:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini import world
-from lco_mini.analysis import recall_at_k, similarity
+from lco_mini.analysis import mean_reciprocal_rank, recall_at_k, similarity
 
 # task name -> (world modality, how to embed the query side)
 TASKS = {
@@ -68,8 +68,15 @@ def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
     modality transfers there but not on the held-out split, what fails is composition (a
     new combination of known attributes), not the alignment that contrastive learning uses.
     attributes=True adds, per attribute, how often the top-ranked caption has it right."""
-    results = {}
+    from lco_mini.backbone import input_kinds  # lazy: the metrics above need no transformers
+
+    results, takes = {}, input_kinds(embedder.processor)
     for task, (modality, kind) in TASKS.items():
+        needs = "text" if kind == "paraphrase" else kind
+        if needs not in takes:  # audio for a VL model: skipped, and said so, instead of a crash mid-run
+            results[task] = {"skipped": f"{type(embedder.processor).__name__} takes no {needs}"}
+            print(f"evaluation: skipping {task}: {results[task]['skipped']}")
+            continue
         items, captions, targets = task_items(modality, n, seed, split)
         queries = embed_queries(embedder, items, kind)
         candidates = embedder.embed_texts(captions)
@@ -78,6 +85,41 @@ def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
         if attributes and modality != "document":
             top = similarity(queries, candidates).argmax(1)
             results[task].update(attribute_accuracy(items, captions, top))
+    return results
+
+
+def _kind(item: dict) -> str:
+    """'image', 'text', 'image+text', ...: the modalities an item holds."""
+    return "+".join(sorted(item))
+
+
+def _key(item: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in item.items()))
+
+
+def evaluate_pairs(embedder, pairs: list, hard_negatives: bool = True) -> dict[str, dict[str, float]]:
+    """Retrieval on the user's own held-out pairs (data.read_jsonl): each anchor looks for its
+    positive among every distinct positive of the file, plus the hard negatives when present.
+    One row per anchor kind -> positive kind: R@1/5/10, MRR, n and candidates."""
+    candidates, index = [], {}
+    for pair in pairs:
+        for item in [pair.positive] + ([pair.negative] if hard_negatives and pair.negative else []):
+            if _key(item) not in index:
+                index[_key(item)] = len(candidates)
+                candidates.append(item)
+    if len(candidates) < 2:
+        raise ValueError("evaluation data: need at least 2 distinct positives to rank")
+    candidate_vectors = embedder.embed(candidates)
+    groups = {}
+    for pair in pairs:
+        groups.setdefault(f"{_kind(pair.anchor)}->{_kind(pair.positive)}", []).append(pair)
+    results = {}
+    for task, group in groups.items():
+        queries = embedder.embed([pair.anchor for pair in group])
+        targets = torch.tensor([index[_key(pair.positive)] for pair in group])
+        results[f"data {task}"] = {**recall_at_k(queries, candidate_vectors, targets, ks=(1, 5, 10)),
+                                   "MRR": mean_reciprocal_rank(queries, candidate_vectors, targets),
+                                   "n": len(group), "candidates": len(candidates)}
     return results
 
 
@@ -99,14 +141,16 @@ def format_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
     """A plain-text table: one row per task, R@1 / R@5 columns per run."""
     names = list(runs)
     tasks = list(next(iter(runs.values())))
-    header = f"{'task':<16}" + "".join(f"{name:>24}" for name in names) + f"{'chance R@1':>12}"
-    lines = [header, f"{'':<16}" + "".join(f"{'R@1':>12}{'R@5':>12}" for _ in names), "-" * len(header)]
+    width = max([16] + [len(task) + 2 for task in tasks])
+    header = f"{'task':<{width}}" + "".join(f"{name:>24}" for name in names) + f"{'chance R@1':>12}"
+    lines = [header, f"{'':<{width}}" + "".join(f"{'R@1':>12}{'R@5':>12}" for _ in names), "-" * len(header)]
     for task in tasks:
-        row = f"{task:<16}"
+        row = f"{task:<{width}}"
         for name in names:
             r = runs[name][task]
-            row += f"{100 * r['R@1']:>12.1f}{100 * r['R@5']:>12.1f}"
-        row += f"{100 / runs[names[0]][task]['candidates']:>12.1f}"
+            row += f"{'skipped':>24}" if "skipped" in r else f"{100 * r['R@1']:>12.1f}{100 * r['R@5']:>12.1f}"
+        first = runs[names[0]][task]
+        row += f"{'':>12}" if "skipped" in first else f"{100 / first['candidates']:>12.1f}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -140,7 +184,8 @@ def captioning(model, processor, modality: str, n: int = 27, seed: int = 1234,
 
 
 def format_attributes(result: dict) -> str:
-    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items() if k not in ("R@1", "R@5", "n", "candidates"))
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in result.items()
+                     if isinstance(v, float) and k not in ("R@1", "R@5", "n", "candidates"))
 
 
 def main(argv=None) -> None:
@@ -153,6 +198,9 @@ def main(argv=None) -> None:
     p.add_argument("--attributes", action="store_true",
                    help="also print, per attribute, how often the top-ranked caption has it right")
     p.add_argument("--captioning", action="store_true", help="run the generative captioning probe instead of retrieval")
+    p.add_argument("--data", default=None,
+                   help="instead of the world: your own held-out pairs (jsonl, train.py's format): each anchor "
+                        "retrieves its positive among all positives (+ hard negatives) of the file")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     args = p.parse_args(argv)
     if args.n < 2:
@@ -163,6 +211,19 @@ def main(argv=None) -> None:
     except (OSError, ValueError) as error:
         print(f"error: cannot load {args.model!r}: {error}", file=sys.stderr)
         sys.exit(2)
+    if args.data:
+        from lco_mini import data
+        try:
+            pairs, _ = data.read_jsonl(args.data)
+            data.check_processor_takes(pairs, processor, args.data)
+            results = evaluate_pairs(backbone.Embedder(model, processor, device=args.device), pairs)
+        except (data.DataError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        print(format_table({args.model: results}))
+        for task, r in results.items():
+            print(f"{task:<24} R@10 {100 * r['R@10']:5.1f}  MRR {r['MRR']:.3f}")
+        return
     if not args.captioning:
         embedder = backbone.Embedder(model, processor, device=args.device)
         results = evaluate(embedder, n=args.n, seed=args.seed, split=args.split, attributes=args.attributes)
@@ -173,6 +234,9 @@ def main(argv=None) -> None:
                 print(f"{task:<16} top caption right on: {attributes}")
         return
     for modality in ("image", "video", "audio"):
+        if modality not in backbone.input_kinds(processor):
+            print(f"{modality:<6} skipped: {type(processor).__name__} takes no {modality}")
+            continue
         result = captioning(model, processor, modality, n=args.n, seed=args.seed, split=args.split)
         print(f"{modality:<6} caption R@1 {100 * result['R@1']:5.1f}% of {result['n']} "
               f"({result['candidates']} candidates) | top caption right on: {format_attributes(result)}")

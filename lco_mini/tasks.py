@@ -95,17 +95,19 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
     return examples
 
 
-def world_pair_examples(n: int, seed: int, multimodal_ratio: float) -> list[tuple[dict, dict, dict]]:
+def world_pair_examples(n: int, seed: int, multimodal_ratio: float,
+                        media: tuple[str, ...] = WORLD_MEDIA) -> list[tuple[dict, dict, dict]]:
     """(anchor, positive, hard negative) for contrastive learning: text only by default.
 
     With multimodal_ratio > 0 a share of the pairs become "calibration" pairs
-    (media anchor -> caption), as in the paper's released checkpoints.
+    (media anchor -> caption), as in the paper's released checkpoints, drawn from the
+    world modalities in `media` (a VL backbone takes no audio).
     """
     rng = random.Random(seed)
     n_media = int(round(multimodal_ratio * n))
     triples = [({"text": a}, {"text": p}, {"text": h}) for a, p, h in world.text_pairs("train", n - n_media, seed)]
     for _ in range(n_media):
-        modality = rng.choice(WORLD_MEDIA)
+        modality = rng.choice(media)
         item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
         triples.append(({world.MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
     rng.shuffle(triples)
