@@ -347,6 +347,11 @@ class Embedder:
         return cls(model, processor, **kwargs)
 
     @property
+    def kinds(self) -> tuple[str, ...]:
+        """The inputs this backbone takes (see input_kinds)."""
+        return input_kinds(self.processor)
+
+    @property
     def dim(self) -> int:
         return self.model.config.get_text_config().hidden_size
 
