@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from lco_mini import analysis, checkpoint, data, plots, sources, world
+from lco_mini import analysis, checkpoint, data, plots, sources, tasks, world
 
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
@@ -109,7 +109,7 @@ def world_groups(n: int, split: str, seed: int) -> dict[str, tuple[list[dict], l
     groups = {}
     for modality in world.CAPTIONED:
         items = world.items(modality, split, min(n, world.n_combinations(modality, split)), seed)
-        key = world.MEDIA_KEY[modality]
+        key = tasks.MEDIA_KEY[modality]
         groups[modality] = ([{key: item.media} for item in items], [{"text": item.captions[0]} for item in items])
     return groups
 

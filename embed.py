@@ -6,7 +6,8 @@
     python embed.py *.png --out emb.npy                  # save an [N, D] float32 array (files, then texts)
     python embed.py *.png --text "a cat" --out emb.jsonl # one {"input", "modality", "vector"} per line
     python embed.py a.png b.wav --text "a red circle" --text "a high tone"   # zero-shot matching
-    python embed.py --model Qwen/Qwen2.5-Omni-3B --adapter out/adapter --device cuda photo.jpg
+    python embed.py --model Qwen/Qwen2.5-Omni-3B --adapter omni_run/adapter --device cuda photo.jpg
+                                                         # a base model + the adapter train.py trained on it
 
 Files and texts land in one space because of how the model was trained: the
 contrastive stage saw only text, yet images, audio and video follow (the

@@ -1,7 +1,7 @@
 """Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
 language-centric (text-only) contrastive learning with LoRA.
 
-    python train.py                                   # tiny default, both stages + evaluation (9.0 min on a 2-core CPU)
+    python train.py                                   # tiny default, both stages + evaluation (~10 min on a 2-core CPU)
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
@@ -47,9 +47,36 @@ import numpy as np
 import torch
 import transformers
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny, world
-from lco_mini.tasks import PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
+from lco_mini.tasks import MEDIA_KEY, PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
 from lco_mini.kernels import infonce
+
+
+# ----------------------------------------------------------------------------- the two recipes
+# The defaults that differ between the tiny model (built here and pretrained from scratch, on a CPU)
+# and a real backbone (a pretrained Qwen MLLM, on a GPU). `--help` shows the recipe of the --model
+# given. What was measured to choose the tiny values is in docs/experiments.md.
+TINY_RECIPE = dict(
+    pretrain_steps=520,   # from scratch: long enough for the towers to describe the world's media
+    pretrain_lr=4e-4,     # a rate five times higher (2e-3) collapses the tiny vision tower
+    steps=45,             # contrastive steps: enough for the paper's effect on three seeds (30 were too few)
+    lr=1e-3,              # contrastive peak lr of the tiny model (the paper's 4e-4 is for 3B-7B models)
+    lora_r=16, lora_alpha=32,  # alpha / r = 2, as in the paper
+)
+REAL_RECIPE = dict(
+    pretrain_steps=None,  # continual pretraining: one epoch of --pretrain-data (counted once it is read)
+    pretrain_lr=1e-4,     # continual pretraining with LoRA: lower than from scratch
+    steps=1000,           # contrastive steps at the paper's batch size
+    lr=4e-4,              # the paper's contrastive lr
+    lora_r=64, lora_alpha=128,  # the paper's LoRA
+)
+
+
+def recipe(argv) -> dict:
+    """The recipe of the --model in argv (read before the full parse, so --help can show it)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="tiny")
+    return TINY_RECIPE if pre.parse_known_args(argv)[0].model == "tiny" else REAL_RECIPE
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -62,9 +89,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
-    p.add_argument("--pretrain-steps", type=runs.number(low=1), default=None, help="generative steps (tiny: 520; real: one epoch of --pretrain-data)")
+    p.add_argument("--pretrain-steps", type=runs.number(low=1),
+                   help="generative steps (default: %(default)s; None = one epoch of --pretrain-data)")
     p.add_argument("--pretrain-batch", type=runs.number(low=1), default=32, help="sequences per generative step")
-    p.add_argument("--pretrain-lr", type=runs.number(float, above=0), default=None, help="generative peak lr (tiny: 4e-4; 2e-3 made the tiny vision tower collapse; real: 1e-4)")
+    p.add_argument("--pretrain-lr", type=runs.number(float, above=0), help="generative peak lr (default: %(default)s)")
     p.add_argument("--pretrain-warmup", type=runs.number(low=0), default=3, help="generative warm-up steps")
     p.add_argument("--pretrain-task", choices=["describe", "summary"], default="describe",
                    help="tiny pretraining tasks: generic describe/rephrase instructions, or the embedding prompt itself")
@@ -77,7 +105,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
-    p.add_argument("--steps", type=runs.number(low=1), default=None, help="contrastive steps (tiny: 45; on three seeds 30 moved fewer modalities past the base, 60 more but would take the default run past 10 min; real: 1000)")
+    p.add_argument("--steps", type=runs.number(low=1), help="contrastive steps (default: %(default)s)")
     p.add_argument("--batch-size", type=runs.number(low=1), default=32, help="pairs per step, across all processes (the paper: 1056)")
     p.add_argument("--micro-batch", type=runs.number(low=0), default=0,
                    help="items per forward pass with GradCache; 0 = the whole batch at once. "
@@ -86,12 +114,12 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--multimodal-ratio", type=runs.number(float, low=0, high=1), default=0.0,
                    help="fraction of pairs replaced by multimodal calibration pairs (media -> caption); paper: ~0.2")
     p.add_argument("--temperature", type=runs.number(float, above=0), default=0.03, help="InfoNCE temperature (paper: 0.03)")
-    p.add_argument("--lr", type=runs.number(float, above=0), default=None, help="contrastive peak lr (tiny: 1e-3, paper: 4e-4)")
+    p.add_argument("--lr", type=runs.number(float, above=0), help="contrastive peak lr (default: %(default)s; paper: 4e-4)")
     p.add_argument("--warmup", type=runs.number(low=0), default=None, help="warm-up steps (default: 10%% of steps, at most 100)")
     p.add_argument("--weight-decay", type=runs.number(float, low=0), default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=runs.number(float, low=0), default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--lora-r", type=runs.number(low=1), default=None, help="LoRA rank (tiny: 16, real: 64)")
-    p.add_argument("--lora-alpha", type=runs.number(float, above=0), default=None, help="LoRA alpha (tiny: 32, real: 128)")
+    p.add_argument("--lora-r", type=runs.number(low=1), help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=runs.number(float, above=0), help="LoRA alpha (default: %(default)s)")
     p.add_argument("--lora-dropout", type=runs.number(float, low=0, below=1), default=0.05, help="LoRA dropout")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad jsonl lines instead of stopping")
     # evaluation, logging, checkpoints
@@ -111,19 +139,13 @@ def get_args(argv=None) -> argparse.Namespace:
                        help="replace an earlier run in --out (only what this run's stages write; never an input)")
     p.add_argument("--tiny-size", default="default", choices=sorted(tiny.SIZES),
                    help="size preset of the tiny model (smoke = for tests)")
+    p.set_defaults(**recipe(argv))
     args = p.parse_args(argv)
     runs.check_device(p, args.device)
     if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
         p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
     if args.model == "tiny" and args.pretrain_data:
         p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
-    is_tiny = args.model == "tiny"
-    defaults = dict(pretrain_steps=520 if is_tiny else None, pretrain_lr=4e-4 if is_tiny else 1e-4,
-                    steps=45 if is_tiny else 1000, lr=1e-3 if is_tiny else 4e-4,
-                    lora_r=16 if is_tiny else 64, lora_alpha=32 if is_tiny else 128)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     if args.warmup is None:
         args.warmup = min(100, max(1, args.steps // 10))
     return args
@@ -173,46 +195,50 @@ def embed_items(model, processor, items, device) -> torch.Tensor:
     return backbone.embed_batch(model, backbone.build_inputs(processor, items).to(device))
 
 
-def contrastive_loss(model, processor, triples, args, device) -> torch.Tensor:
-    """InfoNCE over the global batch; with --micro-batch, GradCache keeps every negative.
+def batch_items(triples, args) -> list:
+    """anchors, then positives, then (with --hard-negatives 1) hard negatives: one list to embed."""
+    anchors, positives, negatives = (list(x) for x in zip(*triples))
+    return anchors + positives + (negatives if args.hard_negatives else [])
+
+
+def batch_loss(embeddings: torch.Tensor, n_pairs: int, args) -> torch.Tensor:
+    """InfoNCE of this process's anchors against the candidates of every process (in-batch
+    negatives across devices). Multiplied by the number of processes because average_gradients
+    divides the summed gradients by it, while this loss is a mean over the local anchors only:
+    the product makes the averaged gradient the one-process gradient of the whole batch
+    (tests/test_distributed.py checks it)."""
+    a, p, n = embeddings[:n_pairs], embeddings[n_pairs:2 * n_pairs], embeddings[2 * n_pairs:]
+    a, p = distributed.gather_with_grad(a), distributed.gather_with_grad(p)
+    n = distributed.gather_with_grad(n) if len(n) else None
+    return infonce(a, p, n, temperature=args.temperature) * distributed.world_size()
+
+
+def gradcache(model, processor, triples, args, device) -> torch.Tensor:
+    """Forward and backward of one contrastive batch in micro-batches, with every negative kept.
 
     GradCache (Gao et al. 2021): (1) embed all items without a graph, in micro-batches;
     (2) compute the loss on the detached embeddings and its gradient w.r.t. them;
     (3) re-run each micro-batch with a graph and back-propagate its slice of that
     gradient. Memory is one micro-batch; the loss is the full-batch loss. Gradient
     accumulation, by contrast, would shrink the candidates per anchor to the micro-batch.
-    """
-    anchors, positives, negatives = (list(x) for x in zip(*triples))
-    items = anchors + positives + (negatives if args.hard_negatives else [])
-    micro = args.micro_batch or len(items)
-
-    def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
-        b = len(anchors)
-        a, p, n = embeddings[:b], embeddings[b:2 * b], embeddings[2 * b:]
-        a, p = distributed.gather_with_grad(a), distributed.gather_with_grad(p)
-        n = distributed.gather_with_grad(n) if len(n) else None
-        return infonce(a, p, n, temperature=args.temperature) * distributed.world_size()
-
-    chunks = [items[i:i + micro] for i in range(0, len(items), micro)]
-    if len(chunks) == 1:
-        loss = loss_of(embed_items(model, processor, items, device))
-        loss.backward()
-        return loss.detach() / distributed.world_size()
+    Returns batch_loss, detached (its .backward() has been done here)."""
+    items = batch_items(triples, args)
+    chunks = [items[i:i + args.micro_batch] for i in range(0, len(items), args.micro_batch)]
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(checkpoint.rng_state())  # every device's RNG: step (3) replays the same dropout masks
             cached.append(embed_items(model, processor, chunk, device))
     embeddings = torch.cat(cached).detach().requires_grad_()
-    loss = loss_of(embeddings)
+    loss = batch_loss(embeddings, len(triples), args)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
         checkpoint.set_rng_state(state)
         embed_items(model, processor, chunk, device).backward(grad)
-    return loss.detach() / distributed.world_size()
+    return loss.detach()
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the loop's parts
 
 class TrainingError(RuntimeError):
     """Stops a run with a message (bad loss, bad data); the last good checkpoint is kept."""
@@ -226,55 +252,73 @@ def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train_loop(name: str, model, steps: int, peak_lr: float, warmup: int, loss_fn, args, ckpt_path: Path,
-               log_extra: str = "", items_per_step: int = 0, unit: str = "pairs") -> list[float]:
-    """The one loop both stages share: lr schedule, step, clip, log, checkpoint, resume."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=peak_lr, weight_decay=args.weight_decay)
-    start, losses = 0, []
-    state = checkpoint.load(ckpt_path) if args.resume else None
-    if state is not None:
-        checkpoint.load_trainable(model, state, ckpt_path)
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise checkpoint.CheckpointError(f"{ckpt_path}: its optimizer state does not fit ({e})") from None
-        checkpoint.set_rng_state(state["rng"])
-        start, losses = state["step"], state["losses"]
-        say(f"{name}: resumed from {ckpt_path} at step {start}")
-    model.train()
-    t0, seen = time.time(), 0
-    for step in range(start, steps):
-        lr = get_lr(step, peak_lr, warmup, steps)
-        for group in optimizer.param_groups:
+class Run:
+    """The bookkeeping around a stage's loop: AdamW on the trainable weights, the lr schedule,
+    gradient averaging and clipping, resume, log lines and atomic checkpoints. What a step
+    computes stays in the loop itself (run_pretrain, run_contrastive)."""
+
+    def __init__(self, name: str, model, args, ckpt_path: Path, steps: int, peak_lr: float, warmup: int,
+                 items_per_step: int, unit: str, log_extra: str = ""):
+        self.name, self.model, self.args, self.ckpt_path = name, model, args, ckpt_path
+        self.steps, self.peak_lr, self.warmup = steps, peak_lr, warmup
+        self.items_per_step, self.unit, self.log_extra = items_per_step, unit, log_extra
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, weight_decay=args.weight_decay)
+        self.start, self.losses = 0, []
+
+    def resume(self) -> range:
+        """The steps left to run: all of them, or (with --resume) those after the checkpoint."""
+        state = checkpoint.load(self.ckpt_path) if self.args.resume else None
+        if state is not None:
+            checkpoint.load_trainable(self.model, state, self.ckpt_path)
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise checkpoint.CheckpointError(f"{self.ckpt_path}: its optimizer state does not fit ({e})") from None
+            checkpoint.set_rng_state(state["rng"])
+            self.start, self.losses = state["step"], state["losses"]
+            say(f"{self.name}: resumed from {self.ckpt_path} at step {self.start}")
+        self.t0 = time.time()
+        return range(self.start, self.steps)
+
+    def set_lr(self, step: int) -> float:
+        lr = get_lr(step, self.peak_lr, self.warmup, self.steps)
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = loss_fn(step)
+        return lr
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        """After backward: stop on a non-finite loss, average gradients over processes, clip, step."""
         if not torch.isfinite(loss):
-            raise TrainingError(f"{name}: loss became {loss.item()} at step {step}; stopping. "
-                                f"The last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
-        distributed.average_gradients(params)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        seen += items_per_step
-        last_step = step == steps - 1
-        if step % args.log_every == 0 or last_step:
-            rate = seen / max(1e-9, time.time() - t0)
-            say(f"{name} step {step:5d} | loss {loss.item():.4f} | lr {lr:.2e} | {rate:6.1f} {unit}/s{log_extra}")
-        if (step + 1) % args.ckpt_every == 0 or last_step:
-            if distributed.is_main():
-                checkpoint.save({"model": checkpoint.trainable_state(model), "optimizer": optimizer.state_dict(),
-                                 "rng": checkpoint.rng_state(), "step": step + 1, "losses": losses,
-                                 "config": vars(args), "stage": name}, ckpt_path)
-    model.eval()
-    return losses
+            raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. "
+                                f"The last good checkpoint is kept in {self.ckpt_path} (try a lower --lr)")
+        distributed.average_gradients(self.params)
+        if self.args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+
+    def log_and_checkpoint(self, step: int, lr: float) -> None:
+        last_step = step == self.steps - 1
+        if step % self.args.log_every == 0 or last_step:
+            rate = (step + 1 - self.start) * self.items_per_step / max(1e-9, time.time() - self.t0)
+            say(f"{self.name} step {step:5d} | loss {self.losses[-1]:.4f} | lr {lr:.2e} | "
+                f"{rate:6.1f} {self.unit}/s{self.log_extra}")
+        if ((step + 1) % self.args.ckpt_every == 0 or last_step) and distributed.is_main():
+            checkpoint.save({"model": checkpoint.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
+                             "rng": checkpoint.rng_state(), "step": step + 1, "losses": self.losses,
+                             "config": vars(self.args), "stage": self.name}, self.ckpt_path)
 
 
 def say(message: str) -> None:
     if distributed.is_main():
         print(message, flush=True)
+
+
+def autocast(device):
+    """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -311,7 +355,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
             p.requires_grad_(True)
         source = lambda step: world_caption_examples(args.pretrain_batch, batch_seed(args, "pretrain", step),
                                                      args.pretrain_task, args.pretrain_mix, args.pretrain_qa)
-    else:
+    else:  # continual pretraining of a real backbone, with LoRA (merged at the end)
         model, processor = backbone.load(args.model, device=device)
         cut_long_texts(pairs, processor, args, "pretrain")
         lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
@@ -319,14 +363,19 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         source = lambda step: [(p.anchor, p.positive["text"]) for p in
                                jsonl_examples(pairs, args.pretrain_batch, step, batch_seed(args, "pretrain", 0))]
 
-    def step_loss(step):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = generative_loss(model, processor, local_slice(source(step)), device)
+    run = Run("pretrain", model, args, out / "pretrain.ckpt.pt", args.pretrain_steps, args.pretrain_lr,
+              args.pretrain_warmup, items_per_step=args.pretrain_batch, unit="seqs")
+    model.train()
+    for step in run.resume():
+        lr = run.set_lr(step)
+        examples = local_slice(source(step))  # this process's share of the step's (item, target text) pairs
+        with autocast(device):
+            loss = generative_loss(model, processor, examples, device)  # forward
         loss.backward()
-        return loss.detach()
+        run.update(step, loss.detach())  # average gradients across processes, clip, AdamW step
+        run.log_and_checkpoint(step, lr)
+    model.eval()
 
-    train_loop("pretrain", model, args.pretrain_steps, args.pretrain_lr, args.pretrain_warmup, step_loss, args,
-               out / "pretrain.ckpt.pt", items_per_step=args.pretrain_batch, unit="seqs")
     if args.model != "tiny":
         model = lora.merge_lora(model)
     if distributed.is_main():
@@ -363,7 +412,7 @@ def contrastive_source(args, pairs: list | None, processor):
     seed = batch_seed(args, "contrastive", 0)
     if pairs is None:
         takes = backbone.input_kinds(processor)
-        media = tuple(m for m in WORLD_MEDIA if world.MEDIA_KEY[m] in takes)
+        media = tuple(m for m in WORLD_MEDIA if MEDIA_KEY[m] in takes)
         return lambda step: world_pair_examples(args.batch_size, batch_seed(args, "contrastive", step),
                                                 args.multimodal_ratio, media)
     triples = lambda chosen: [(p.anchor, p.positive, p.negative) for p in chosen]
@@ -381,8 +430,8 @@ def split_by_modality(pairs: list) -> tuple[list, list]:
 
 
 def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, name: str = "contrastive"):
-    """Stage 2: text-only InfoNCE with LoRA on the language model, on the jsonl pairs or the
-    world's (see contrastive_source). Returns the merged model and its processor."""
+    """Stage 2: text-only InfoNCE with LoRA on the language model of `base`, on the jsonl pairs or
+    the world's (see contrastive_source). Returns the model, LoRA still unmerged, and its processor."""
     model, processor = backbone.load(base, device=device)
     cut_long_texts(pairs, processor, args, name)
     source = contrastive_source(args, pairs, processor)
@@ -395,13 +444,27 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
     micro = f" (GradCache micro-batch {args.micro_batch})" if args.micro_batch else ""
     say(f"{name}: global batch {args.batch_size} pairs -> {candidates} candidates per anchor{micro}")
 
-    def step_loss(step):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        with autocast:
-            return contrastive_loss(model, processor, local_slice(source(step)), args, device)
+    run = Run(name, model, args, out / f"{name}.ckpt.pt", args.steps, args.lr, args.warmup,
+              items_per_step=args.batch_size, unit="pairs", log_extra=f" | {candidates} cands/anchor")
+    model.train()
+    for step in run.resume():
+        lr = run.set_lr(step)
+        triples = local_slice(source(step))  # this process's (anchor, positive, hard negative) item dicts
+        items = batch_items(triples, args)
+        with autocast(device):
+            if args.micro_batch and len(items) > args.micro_batch:
+                loss = gradcache(model, processor, triples, args, device)  # forward + backward, in micro-batches
+            else:
+                loss = batch_loss(embed_items(model, processor, items, device), len(triples), args)  # forward
+                loss.backward()
+        run.update(step, loss.detach() / distributed.world_size())  # average gradients, clip, AdamW step
+        run.log_and_checkpoint(step, lr)
+    model.eval()
+    return model, processor
 
-    train_loop(name, model, args.steps, args.lr, args.warmup, step_loss, args, out / f"{name}.ckpt.pt",
-               log_extra=f" | {candidates} cands/anchor", items_per_step=args.batch_size)
+
+def save_contrastive(model, processor, base: Path, out: Path, name: str):
+    """Merge the LoRA weights and save: adapter/ + merged/ for the run, control/ for the control."""
     if name == "contrastive" and distributed.is_main():
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=str(base))
     model = lora.merge_lora(model)
@@ -504,15 +567,18 @@ def main(argv=None) -> None:
         say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
         return
 
-    merged = run_contrastive(args, device, base, out, pairs)
+    # (b): text-only contrastive learning on the pretrained base
+    merged = save_contrastive(*run_contrastive(args, device, base, out, pairs), base, out, "contrastive")
     runs_to_evaluate = {}
     if not args.no_eval:
         runs_to_evaluate["(a) base"] = backbone.load(base, device=device)
         runs_to_evaluate["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
+            # (c) the control: the same contrastive learning on the same tiny model before any pretraining
             init = build_tiny_once(args, out)
-            runs_to_evaluate["(c) control: CL, no pretrain"] = run_contrastive(args, device, init, out, pairs,
-                                                                               name="control")
+            control = save_contrastive(*run_contrastive(args, device, init, out, pairs, name="control"),
+                                       init, out, "control")
+            runs_to_evaluate["(c) control: CL, no pretrain"] = control
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
             evaluate_models(args, device, out, runs_to_evaluate, eval_pairs)
     say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "

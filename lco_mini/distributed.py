@@ -5,8 +5,11 @@ process are the embeddings every other process computed. So before the loss each
 process gathers all embeddings of the global batch. torch.distributed.all_gather
 returns tensors without gradient; we put the local slice (which has one) back in
 its place, so each process's loss back-propagates into its own forward pass.
-Every process then computes the same global loss; DDP averages gradients over
-processes, so the loss is scaled by the world size to undo that average.
+Each process's loss is the mean over its own anchors. The gradients are then averaged
+over processes by hand (average_gradients: what DDP would do; torch's DDP wrapper is not
+used, so GradCache's several backward passes per step need no no_sync() bookkeeping), and
+the loss is scaled by the world size (train.batch_loss) so that the average is the
+gradient of one process on the whole batch (tests/test_distributed.py checks it).
 """
 from __future__ import annotations
 

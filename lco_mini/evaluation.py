@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lco_mini import world
+from lco_mini import tasks, world
 from lco_mini.analysis import mean_reciprocal_rank, recall_at_k, similarity
 
 # task name -> (world modality, how to embed the query side)
@@ -137,17 +137,21 @@ def attribute_accuracy(items: list, captions: list[str], top: torch.Tensor) -> d
 
 
 def format_table(runs: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A plain-text table: one row per task, R@1 / R@5 columns per run."""
+    """A plain-text table: one row per task, R@1 / R@5 columns per run, each run's columns as wide
+    as its name."""
     names = list(runs)
-    tasks = list(next(iter(runs.values())))
-    width = max([16] + [len(task) + 2 for task in tasks])
-    header = f"{'task':<{width}}" + "".join(f"{name:>24}" for name in names) + f"{'chance R@1':>12}"
-    lines = [header, f"{'':<{width}}" + "".join(f"{'R@1':>12}{'R@5':>12}" for _ in names), "-" * len(header)]
-    for task in tasks:
+    task_names = list(next(iter(runs.values())))
+    width = max([16] + [len(task) + 2 for task in task_names])
+    cols = {name: max(24, len(name) + 2) for name in names}  # R@1 and R@5 share a run's width
+    header = f"{'task':<{width}}" + "".join(f"{name:>{cols[name]}}" for name in names) + f"{'chance R@1':>12}"
+    lines = [header, f"{'':<{width}}" + "".join(f"{'R@1':>{cols[n] - cols[n] // 2}}{'R@5':>{cols[n] // 2}}"
+                                                for n in names), "-" * len(header)]
+    for task in task_names:
         row = f"{task:<{width}}"
         for name in names:
-            r = runs[name][task]
-            row += f"{'skipped':>24}" if "skipped" in r else f"{100 * r['R@1']:>12.1f}{100 * r['R@5']:>12.1f}"
+            r, col = runs[name][task], cols[name]
+            row += (f"{'skipped':>{col}}" if "skipped" in r
+                    else f"{100 * r['R@1']:>{col - col // 2}.1f}{100 * r['R@5']:>{col // 2}.1f}")
         first = runs[names[0]][task]
         row += f"{'':>12}" if "skipped" in first else f"{100 / first['candidates']:>12.1f}"
         lines.append(row)
@@ -173,10 +177,10 @@ def caption_nll(model, processor, item_input: dict, captions: list[str]) -> torc
 def captioning(model, processor, modality: str, n: int = 27, seed: int = 1234,
                split: str = "heldout") -> dict[str, float]:
     """Generative probe: for n items of `split`, rank the distinct candidate captions by likelihood
-    under world.DESCRIBE[modality]; R@1 and, per attribute, how often the top caption has it right."""
+    under tasks.DESCRIBE[modality]; R@1 and, per attribute, how often the top caption has it right."""
     items, captions, targets = task_items(modality, n, seed, split)
-    key = world.MEDIA_KEY[modality]
-    top = torch.stack([caption_nll(model, processor, {key: item.media, "instruction": world.DESCRIBE[modality]},
+    key = tasks.MEDIA_KEY[modality]
+    top = torch.stack([caption_nll(model, processor, {key: item.media, "instruction": tasks.DESCRIBE[modality]},
                                    captions).argmin() for item in items])
     return {"R@1": (top == targets).double().mean().item(), "n": len(items), "candidates": len(captions),
             **attribute_accuracy(items, captions, top)}

@@ -12,7 +12,8 @@ exists because real files are messier than what the processor accepts:
 * **EXIF orientation applied.** Phones store pixels sideways plus a tag saying
   "rotate me"; a model that ignores the tag sees a sideways photo.
 * **A pixel budget.** A 6000 x 4000 photo is 24 MP; the processor would shrink
-  it anyway, so we shrink it first (JPEGs are even *decoded* small, via
+  it anyway, so we shrink it first (backbone.bound_items passes the processor's budget,
+  embed.py a generous one before the model is known; JPEGs are even *decoded* small, via
   ``Image.draft``). Pillow's decompression-bomb guard stays on: a file whose
   header claims more than ``Image.MAX_IMAGE_PIXELS`` (89 MP by default, well
   above any camera photo) is refused instead of exhausting memory.

@@ -18,6 +18,41 @@ from lco_mini import world
 
 PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25}
 WORLD_MEDIA = ("image", "video", "audio", "document")  # the order matters: rng.choice draws by index
+MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}  # the model input each is
+
+
+# The generic instructions of the tiny model's pretraining ("describe" task) and of the captioning
+# probe (evaluation.captioning): none of them is the embedding prompt, so the base model has never
+# been asked to "summarize in one word", as a real MLLM's instruction tuning.
+DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
+            "audio": "Describe the above audio.", "document": "What does the above image say?",
+            "text": "Rephrase the above text."}
+
+# Short questions about one attribute, as in the visual/audio question answering of a real MLLM's
+# instruction data. The answer is the attribute's phrase, so the first answer token has to come from
+# the medium itself, not from caption grammar ("a", "the sound of"...).
+QUESTIONS = {
+    "image": {"colour": "What colour is the shape?", "shape": "What shape is it?",
+              "size": "How big is the shape?", "position": "Where is the shape?"},
+    "image2": {"colour": "What colour is the shape on the left?", "shape": "What shape is on the left?",
+               "colour2": "What colour is the shape on the right?", "shape2": "What shape is on the right?"},
+    "video": {"colour": "What colour is the shape?", "shape": "What shape is it?", "motion": "What does the shape do?"},
+    "audio": {"pitch": "How high is the sound?", "timbre": "What kind of sound is it?",
+              "contour": "Does the sound rise or fall?", "rhythm": "What is the rhythm of the sound?"},
+}
+
+
+def questions(modality, attributes, k=0):
+    """(question, answer) about each attribute of a combination; answers use synonym set k % 2.
+
+    Documents have none: reading the word ("What does the above image say?") is their question."""
+    a = attributes
+    kind = "image2" if modality == "image" and a.get("kind") == "two" else modality
+    asked = dict(QUESTIONS.get(kind, {}))
+    if modality == "video" and a["motion"] == "recolour":
+        asked.pop("colour")  # two colours: the motion phrase names both
+    words = {name: world.PHRASES[value][k % 2] for name, value in a.items() if value in world.PHRASES}
+    return [(question, words[name].format(**words)) for name, question in asked.items()]
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -55,11 +90,6 @@ def summary(item) -> str:
     return words[1] if words[0] in ("a", "an", "the") and len(words) == 2 else item.captions[0]
 
 
-# Generic instruction-tuning tasks (world.DESCRIBE), as a real MLLM sees in pretraining: none of
-# them is the embedding prompt, so the base model has never been asked to "summarize in one word".
-DESCRIBE = world.DESCRIBE
-
-
 def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[str, float] = PRETRAIN_MIX,
                            qa: float = 0.0) -> list[tuple[dict, str]]:
     """(input item, target text) pairs for the tiny model's generative pretraining.
@@ -82,8 +112,8 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
             continue
         source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
         for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
-            inputs = {"text": rng.choice(item.captions)} if modality == "text" else {world.MEDIA_KEY[modality]: item.media}
-            asked = world.questions(item.modality, item.attributes, rng.randrange(2)) if qa and modality != "text" else []
+            inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
+            asked = questions(item.modality, item.attributes, rng.randrange(2)) if qa and modality != "text" else []
             if task == "summary":
                 examples.append((inputs, summary(item)))
             elif asked and rng.random() < qa:
@@ -109,6 +139,6 @@ def world_pair_examples(n: int, seed: int, multimodal_ratio: float,
     for _ in range(n_media):
         modality = rng.choice(media)
         item = world.items(modality, "train", 1, seed=rng.randrange(2**31))[0]
-        triples.append(({world.MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
+        triples.append(({MEDIA_KEY[modality]: item.media}, {"text": item.captions[0]}, {"text": item.negative}))
     rng.shuffle(triples)
     return triples

@@ -101,7 +101,6 @@ HELDOUT_WORDS = set(WORDS[2::5])                          # ~20% of words; every
 MODALITIES = ("text", "image", "video", "audio", "document")
 CAPTIONED = ("image", "video", "audio", "document")       # modalities with their own caption space
 SPLITS = ("train", "heldout")
-MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}  # the model input each is
 SCRIPTS = ("latin", "alien")
 
 
@@ -195,39 +194,6 @@ def caption(modality, attributes, k=0):
     else:
         text = TEMPLATES[modality][k].format(**words)
     return re.sub(r"\ba (?=[aeiou])", "an ", text)   # "a orange square" -> "an orange square"
-
-
-# The generic instructions of the tiny model's pretraining ("describe" task, train.py) and of the
-# captioning probe (evaluation.captioning).
-DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
-            "audio": "Describe the above audio.", "document": "What does the above image say?",
-            "text": "Rephrase the above text."}
-
-# Short questions about one attribute, as in the visual/audio question answering of a real MLLM's
-# instruction data. The answer is the attribute's phrase, so the first answer token has to come from
-# the medium itself, not from caption grammar ("a", "the sound of"...).
-QUESTIONS = {
-    "image": {"colour": "What colour is the shape?", "shape": "What shape is it?",
-              "size": "How big is the shape?", "position": "Where is the shape?"},
-    "image2": {"colour": "What colour is the shape on the left?", "shape": "What shape is on the left?",
-               "colour2": "What colour is the shape on the right?", "shape2": "What shape is on the right?"},
-    "video": {"colour": "What colour is the shape?", "shape": "What shape is it?", "motion": "What does the shape do?"},
-    "audio": {"pitch": "How high is the sound?", "timbre": "What kind of sound is it?",
-              "contour": "Does the sound rise or fall?", "rhythm": "What is the rhythm of the sound?"},
-}
-
-
-def questions(modality, attributes, k=0):
-    """(question, answer) about each attribute of a combination; answers use synonym set k % 2.
-
-    Documents have none: reading the word ("What does the above image say?") is their question."""
-    a = attributes
-    kind = "image2" if modality == "image" and a.get("kind") == "two" else modality
-    asked = dict(QUESTIONS.get(kind, {}))
-    if modality == "video" and a["motion"] == "recolour":
-        asked.pop("colour")  # two colours: the motion phrase names both
-    words = {name: PHRASES[value][k % 2] for name, value in a.items() if value in PHRASES}
-    return [(question, words[name].format(**words)) for name, question in asked.items()]
 
 
 def _edit_distance(a, b):

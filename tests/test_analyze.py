@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import analyze  # noqa: E402  (the script, imported for its main)
-from lco_mini import analysis, backbone, world  # noqa: E402
+from lco_mini import analysis, backbone, tasks, world  # noqa: E402
 
 N = 9  # items per modality: small, odd, above k
 FAST = ["--n", str(N), "--k", "3", "--null", "3", "--batch-size", "8"]
@@ -35,7 +35,7 @@ def reference_embeddings(model_dir, modality):
     model, processor = backbone.load(model_dir, device="cpu")
     embedder = backbone.Embedder(model, processor, batch_size=4, progress=False)
     items = world.items(modality, "heldout", N, 1234)
-    media = embedder.embed([{world.MEDIA_KEY[modality]: item.media} for item in items], layers="all")
+    media = embedder.embed([{tasks.MEDIA_KEY[modality]: item.media} for item in items], layers="all")
     captions = embedder.embed_texts([item.captions[0] for item in items], layers="all")
     return media, captions
 

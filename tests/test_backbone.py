@@ -181,7 +181,7 @@ def test_load_rejects_missing_folder(tmp_path):
         with pytest.raises(FileNotFoundError, match="no such folder"):
             backbone.load(bad)
     (tmp_path / "weights.bin").write_bytes(b"")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="expected a model folder"):
         backbone.load(tmp_path / "weights.bin")
     # hub ids are passed through to from_pretrained untouched (nothing is downloaded here)
     assert sources.model_source("Qwen/Qwen2.5-Omni-3B") == "Qwen/Qwen2.5-Omni-3B"

@@ -23,7 +23,11 @@ def loss_and_grads(folder, triples):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # non-zero B: gradients reach A too
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_from_main(params)  # what train.py does: every rank gets rank 0's weights
-    loss = train.contrastive_loss(model, processor, triples, train.get_args([]), torch.device("cpu"))
+    items = train.batch_items(triples, train.get_args([]))
+    loss = train.batch_loss(train.embed_items(model, processor, items, torch.device("cpu")), len(triples),
+                            train.get_args([]))
+    loss.backward()
+    loss = loss.detach() / distributed.world_size()  # as run_contrastive logs it
     distributed.average_gradients(params)
     return loss, [p.grad for p in params]
 

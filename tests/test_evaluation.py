@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from lco_mini import evaluation, world
+from lco_mini import evaluation, tasks, world
 
 
 def test_more_queries_than_combinations_repeat_captions_not_media():
@@ -61,7 +61,7 @@ def test_oracle_scores_perfect_and_chance_uses_candidates(monkeypatch):
     results = evaluation.evaluate(oracle, n=40, seed=3, split="train", attributes=True)
     assert all(scores["R@1"] == 1.0 for scores in results.values())
     assert results["audio->text"]["candidates"] == 40  # more training combinations than queries: all distinct
-    assert {k: v for k, v in results["audio->text"].items() if k in world.QUESTIONS["audio"]} == {
+    assert {k: v for k, v in results["audio->text"].items() if k in tasks.QUESTIONS["audio"]} == {
         "pitch": 1.0, "timbre": 1.0, "contour": 1.0, "rhythm": 1.0}
 
 
@@ -109,7 +109,21 @@ def test_captioning_probe_on_a_tiny_model_and_cli_errors(tmp_path, capsys):
     folder = tiny.build_tiny(tmp_path / "m", **tiny.SIZES["smoke"])
     model, processor = backbone.load(folder, device="cpu")
     result = evaluation.captioning(model, processor, "audio", n=3, seed=0)
-    assert 0 <= result["R@1"] <= 1 and result["candidates"] == 3
+    assert result["candidates"] == 3
+    # R@1 is the share of items whose own caption has the lowest total cross-entropy, computed here
+    # with the model's own loss (mean over answer tokens x their count)
+    items, captions, targets = evaluation.task_items("audio", 3, 0)
+    right = 0
+    for item, target in zip(items, targets):
+        totals = []
+        for caption in captions:
+            batch = backbone.build_inputs(processor, [{"audio": item.media, "instruction": tasks.DESCRIBE["audio"]}],
+                                          targets=[caption])
+            labels = batch.pop("labels")
+            with torch.no_grad():
+                totals.append(model(**batch, labels=labels).loss.item() * (labels != -100).sum().item())
+        right += min(range(len(captions)), key=totals.__getitem__) == target
+    assert result["R@1"] == pytest.approx(right / 3)
     # the NLL is the real one: it matches a direct cross-entropy on one caption
     item = evaluation.task_items("audio", 1, 0)[0][0]
     nll = evaluation.caption_nll(model, processor, {"audio": item.media, "instruction": "Describe the above audio."},

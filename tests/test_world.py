@@ -7,7 +7,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from lco_mini import render, world
+from lco_mini import render, tasks, world
 
 KINDS = [("image", "latin"), ("video", "latin"), ("audio", "latin"), ("document", "latin"),
          ("document", "alien"), ("text", "latin")]
@@ -97,17 +97,17 @@ def test_captions_worked_examples():
 
 def test_questions_worked_examples_and_answers_name_the_attribute():
     audio = dict(pitch="low", timbre="hiss", rhythm="twice", contour="rising")
-    assert world.questions("audio", audio, 0) == [
+    assert tasks.questions("audio", audio, 0) == [
         ("How high is the sound?", "low"), ("What kind of sound is it?", "hiss"),
         ("Does the sound rise or fall?", "rising"), ("What is the rhythm of the sound?", "beeping twice")]
     recolour = dict(colour="red", shape="cross", motion="recolour", colour2="blue")
-    assert world.questions("video", recolour, 1) == [("What shape is it?", "plus sign"),
+    assert tasks.questions("video", recolour, 1) == [("What shape is it?", "plus sign"),
                                                      ("What does the shape do?", "turning from crimson to azure")]
-    assert world.questions("document", {"word": "cat"}) == []
+    assert tasks.questions("document", {"word": "cat"}) == []
     for modality in ("image", "video", "audio"):
         for item in world.items(modality, "train", 40, seed=3):
             for k in (0, 1):
-                for question, answer in world.questions(modality, item.attributes, k):
+                for question, answer in tasks.questions(modality, item.attributes, k):
                     assert answer in item.captions[k], (question, answer)
 
 
