@@ -110,7 +110,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=runs.number(low=0), default=0,
                    help="items per forward pass with GradCache; 0 = the whole batch at once. "
                         "Unlike gradient accumulation this keeps every in-batch negative")
-    p.add_argument("--hard-negatives", type=int, choices=[0, 1], default=1, help="use the hard negative of each pair")
+    p.add_argument("--no-hard-negatives", dest="hard_negatives", action="store_false",
+                   help="train without the hard negative of each pair (in-batch negatives only)")
     p.add_argument("--multimodal-ratio", type=runs.number(float, low=0, high=1), default=0.0,
                    help="fraction of pairs replaced by multimodal calibration pairs (media -> caption); paper: ~0.2")
     p.add_argument("--temperature", type=runs.number(float, above=0), default=0.03, help="InfoNCE temperature (paper: 0.03)")
@@ -196,7 +197,7 @@ def embed_items(model, processor, items, device) -> torch.Tensor:
 
 
 def batch_items(triples, args) -> list:
-    """anchors, then positives, then (with --hard-negatives 1) hard negatives: one list to embed."""
+    """anchors, then positives, then (unless --no-hard-negatives) hard negatives: one list to embed."""
     anchors, positives, negatives = (list(x) for x in zip(*triples))
     return anchors + positives + (negatives if args.hard_negatives else [])
 
@@ -333,7 +334,7 @@ def save_model(model, processor, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def build_tiny_once(args, out: Path) -> Path:
+def build_tiny_init(args, out: Path) -> Path:
     """The randomly initialised tiny model (same seed: same weights), written by one process."""
     if distributed.is_main():
         tiny.build_tiny(out / "init", seed=args.seed, **tiny.SIZES[args.tiny_size])
@@ -348,7 +349,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         say(f"pretrain: {base} is complete, skipping")
         return base
     if args.model == "tiny":
-        init = build_tiny_once(args, out)
+        init = build_tiny_init(args, out)
         # fp32 master weights (AdamW on bf16 weights would lose small updates); bf16 autocast on CUDA
         model, processor = backbone.load(init, device=device, dtype=torch.float32)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
@@ -389,7 +390,7 @@ def read_pairs(path: str, args, name: str) -> list:
     pairs, bad = data.read_jsonl(path, skip_bad=args.skip_bad)
     say(f"{name}: {len(pairs)} pairs from {path}" + (f", {bad} bad lines skipped" if bad else ""))
     if name == "contrastive" and args.hard_negatives and any(p.negative is None for p in pairs):
-        raise TrainingError(f"{path}: some lines have no 'negative'; pass --hard-negatives 0 to train without")
+        raise TrainingError(f"{path}: some lines have no 'negative'; pass --no-hard-negatives to train without")
     return pairs
 
 
@@ -440,7 +441,7 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
     if device.type == "cuda":
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()  # LoRA-only training: checkpointed blocks need a grad-requiring input
-    candidates = args.batch_size * (1 + args.hard_negatives)
+    candidates = args.batch_size * (2 if args.hard_negatives else 1)
     micro = f" (GradCache micro-batch {args.micro_batch})" if args.micro_batch else ""
     say(f"{name}: global batch {args.batch_size} pairs -> {candidates} candidates per anchor{micro}")
 
@@ -575,7 +576,7 @@ def main(argv=None) -> None:
         runs_to_evaluate["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
             # (c) the control: the same contrastive learning on the same tiny model before any pretraining
-            init = build_tiny_once(args, out)
+            init = build_tiny_init(args, out)
             control = save_contrastive(*run_contrastive(args, device, init, out, pairs, name="control"),
                                        init, out, "control")
             runs_to_evaluate["(c) control: CL, no pretrain"] = control

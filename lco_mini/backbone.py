@@ -285,7 +285,7 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
                    index i = output of decoder layer i; index L is after the final norm,
                    i.e. equal to layers="last".
     Runs the decoder without lm_head (`model.model`), so no [N, T, vocab] logits are computed,
-    except on transformers releases whose `model.model` takes no pixels (see below)."""
+    except for an architecture whose `model.model` takes no media (see below)."""
     if layers not in ("last", "all"):
         raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
     device = next(model.parameters()).device
@@ -307,9 +307,9 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
 
 
 def _multimodal_decoder(model):
-    """`model.model` when it is the full multimodal stack without lm_head (transformers 5:
-    Qwen2VLModel, Qwen2_5OmniThinkerModel, LlavaModel, ...), else None. Older releases
-    made the thinker's `.model` the text-only decoder, which takes no pixels or audio."""
+    """`model.model` when it is the full multimodal stack without lm_head (Qwen2VLModel,
+    Qwen2_5OmniThinkerModel, LlavaModel, ...), else None: an image-text-to-text model whose
+    `.model` is the text-only decoder takes no pixels or audio there."""
     decoder = getattr(model, "model", None)
     if decoder is None:
         return None

@@ -86,15 +86,6 @@ def modality_of(path) -> str:
 MAX_TEXT_TOKENS = 650
 
 
-def load_text(text) -> str:
-    """The text, stripped (a trailing newline would change the prompt); empty text is an error."""
-    if not isinstance(text, str):
-        raise MediaError("text", f"expected a string, got {type(text).__name__}")
-    if not text.strip():
-        raise MediaError("text", "empty text")
-    return text.strip()
-
-
 # ----------------------------------------------------------------------------- images
 
 def _check_file(path: Path, what: str) -> None:

@@ -228,7 +228,7 @@ def _values(modality, name):
     return sorted({a[name] for a in _all_combinations(modality) if name in a})
 
 
-def render(modality, attributes, seed=0, script="latin"):
+def render_item(modality, attributes, seed=0, script="latin"):
     """Render one combination -> (media, geometry). `seed` only moves/jitters things, never the meaning."""
     _check(modality, "train", script)
     rng = np.random.default_rng(seed) if isinstance(seed, (int, np.integer)) else seed
@@ -254,7 +254,7 @@ def items(modality, split="train", n=8, seed=0, script="latin"):
         source, key = pool[index]
         negatives = _negative_keys(source, key, split)
         negative = dict(negatives[rng.integers(len(negatives))])
-        media, geometry = render(modality, dict(key), rng, script)
+        media, geometry = render_item(modality, dict(key), rng, script)
         out.append(Item(modality, media, [caption(source, dict(key), k) for k in range(N_PARAPHRASES)],
                         caption(source, negative, 0), dict(key), script if modality == "document" else "",
                         negative, geometry))

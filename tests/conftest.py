@@ -14,10 +14,7 @@ from lco_mini import tiny
 
 CORPUS = ["a red circle above a blue square", "the dog barks twice", "a green triangle moves left",
           "the word 42 is written in black ink", "two small yellow stars, one big star!"] * 20
-# Smaller than tiny.TINY_SIZE so the tests stay fast on two CPU cores.
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, vision_hidden_size=32, vision_depth=2, vision_heads=2,
-             audio_d_model=32, audio_layers=2, audio_heads=2)
+SMALL = tiny.SIZES["smoke"]  # smaller than the default, so the tests stay fast on two CPU cores
 VOCAB = 400  # enough BPE merges to make "user" a single token
 
 

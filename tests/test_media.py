@@ -11,7 +11,6 @@ from lco_mini.media import (
     MediaError,
     load_audio,
     load_image,
-    load_text,
     load_video,
     modality_of,
 )
@@ -192,11 +191,6 @@ def test_modality_of_errors(tmp_path):
         modality_of(tmp_path / "ghost.png")
 
 
-def test_load_text():
-    assert load_text("  a cat \n") == "a cat"
-    for empty in ("", "  \n\t "):
-        with pytest.raises(MediaError, match="empty text"):
-            load_text(empty)
 
 
 # ----------------------------------------------------------------------------- audio

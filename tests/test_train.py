@@ -96,7 +96,7 @@ def test_bad_jsonl_is_reported_before_training(smoke_run, tmp_path):
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"anchor": {"image_path": "nope.png"}, "positive": {"text": "b"}}) + "\n")
     result = run_train(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(missing),
-                        "--out", str(tmp_path / "o2"), "--steps", "1", "--hard-negatives", "0"])
+                        "--out", str(tmp_path / "o2"), "--steps", "1", "--no-hard-negatives"])
     assert result.returncode == 2 and "line 1" in result.stderr and "nope.png" in result.stderr
 
 

@@ -34,7 +34,7 @@ def test_same_seed_same_items_different_seed_different(modality, script):
 
 def test_render_seed_moves_things_but_keeps_meaning():
     attrs = dict(kind="one", colour="red", shape="square", size="large", position="center")
-    images = [np.array(world.render("image", attrs, seed)[0]) for seed in range(6)]
+    images = [np.array(world.render_item("image", attrs, seed)[0]) for seed in range(6)]
     assert len({im.tobytes() for im in images}) > 1
     assert all((im[32, 32] == world.COLOUR_RGB["red"]).all() for im in images)
 
@@ -169,7 +169,7 @@ def test_image_shows_the_colour_at_each_shape_centre():
 
 
 def test_large_shapes_are_larger_than_small_ones():
-    area = lambda size: np.mean([(np.array(world.render("image", dict(kind="one", colour="blue", shape=s, size=size,
+    area = lambda size: np.mean([(np.array(world.render_item("image", dict(kind="one", colour="blue", shape=s, size=size,
                                  position="center"), seed)[0]) != render.BACKGROUND).any(-1).sum()
                                  for s in world.SHAPES for seed in range(3)])
     assert area("large") > 2.5 * area("small")
@@ -180,7 +180,7 @@ def test_large_shapes_are_larger_than_small_ones():
 def test_audio_peak_frequency_orders_low_mid_high(timbre, contour):
     peaks = []
     for pitch in ("low", "mid", "high"):
-        wave, _ = world.render("audio", dict(pitch=pitch, timbre=timbre, rhythm="steady", contour=contour), seed=1)
+        wave, _ = world.render_item("audio", dict(pitch=pitch, timbre=timbre, rhythm="steady", contour=contour), seed=1)
         assert wave.dtype == np.float32 and wave.shape == (16000,) and np.abs(wave).max() <= 0.6
         peaks.append(np.argmax(np.abs(np.fft.rfft(wave))))   # bin i = i Hz for 1 s at 16 kHz
     assert peaks[0] < peaks[1] < peaks[2]
@@ -191,7 +191,7 @@ def test_audio_peak_frequency_orders_low_mid_high(timbre, contour):
 
 @pytest.mark.parametrize("rhythm,count", [("steady", 1), ("twice", 2), ("thrice", 3), ("pulsing", 8)])
 def test_audio_rhythm_has_the_right_number_of_beeps(rhythm, count):
-    wave, _ = world.render("audio", dict(pitch="mid", timbre="buzz", rhythm=rhythm, contour="flat"), seed=0)
+    wave, _ = world.render_item("audio", dict(pitch="mid", timbre="buzz", rhythm=rhythm, contour="flat"), seed=0)
     energy = np.sqrt((wave[:16000 // 160 * 160].reshape(-1, 160) ** 2).mean(1))   # 10 ms frames, like Whisper
     on = energy > 0.5 * energy.max()
     assert int(on[0]) + int(np.sum(np.diff(on.astype(int)) == 1)) == count
@@ -201,7 +201,7 @@ def test_audio_contour_rises_and_falls():
     def dominant(wave, start):
         return np.argmax(np.abs(np.fft.rfft(wave[start:start + 3200])))
     for contour, sign in world.CONTOURS.items():
-        wave, _ = world.render("audio", dict(pitch="mid", timbre="whistle", rhythm="steady", contour=contour), 0)
+        wave, _ = world.render_item("audio", dict(pitch="mid", timbre="whistle", rhythm="steady", contour=contour), 0)
         early, late = dominant(wave, 1000), dominant(wave, 12000)
         assert np.sign(late - early) == sign if sign else abs(late - early) <= 10
         if sign:  # f(t) = f0 * SWEEP^(2t - 1): between the windows' centres (t = 0.16 s, 0.85 s), SWEEP^1.375
@@ -228,8 +228,8 @@ def test_documents_in_both_scripts_render_differently():
     glyphs = render._alien_glyphs()
     assert len(glyphs) == 26 and len({g.tobytes() for g in glyphs.values()}) == 26
     for word in ("cat", "zebra", "quiz"):
-        latin, _ = world.render("document", {"word": word}, seed=0, script="latin")
-        alien, _ = world.render("document", {"word": word}, seed=0, script="alien")
+        latin, _ = world.render_item("document", {"word": word}, seed=0, script="latin")
+        alien, _ = world.render_item("document", {"word": word}, seed=0, script="alien")
         latin, alien = np.array(latin), np.array(alien)
         assert latin.shape == alien.shape == (32, 128, 3)
         assert set(np.unique(latin)) == {0, 255} and set(np.unique(alien)) == {0, 255}
