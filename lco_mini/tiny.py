@@ -45,37 +45,30 @@ from transformers import (
 SYSTEM_PROMPT = "You are a helpful assistant."  # the default of the real Qwen2.5-Omni template
 
 # Special tokens, in the order of the real Qwen2.5-Omni vocabulary (ids 151643...).
-# The VL family (Qwen2-VL, Qwen2.5-VL) names its vision tokens differently.
-SPECIAL_TOKENS = {
-    "omni": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
-             "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
-             "<|IMAGE|>", "<|VIDEO|>"],
-    "vl": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"],
-}
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
+                  "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>",
+                  "<|IMAGE|>", "<|VIDEO|>"]
 # Named special tokens: the processors read tokenizer.image_token, .audio_bos_token, ...
-NAMED_TOKENS = {
-    "omni": {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
-             "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
-             "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"},
-    "vl": {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-           "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
-}
+NAMED_TOKENS = {"image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+                "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+                "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>"}
 # Qwen2's pre-tokenizer regex. Qwen2TokenizerFast re-installs it when loading, so we
 # must train with it too, or the saved tokenizer would split text differently.
 QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def chat_template(family: str = "omni") -> str:
-    """The Qwen2.5-Omni (family="omni") or Qwen2-VL (family="vl") chat template, verbatim
-    except for the system prompt, which is `SYSTEM_PROMPT` in both real templates anyway."""
-    bos, eos = NAMED_TOKENS[family]["vision_bos_token"], NAMED_TOKENS[family]["vision_eos_token"]
-    image, video = NAMED_TOKENS[family]["image_token"], NAMED_TOKENS[family]["video_token"]
+def chat_template(named_tokens: dict = NAMED_TOKENS) -> str:
+    """The Qwen2.5-Omni chat template, verbatim except for the system prompt, which is
+    `SYSTEM_PROMPT` in the real template anyway. With another family's named tokens and no
+    audio token (tests/conftest.py: Qwen2-VL's), that family's template."""
+    bos, eos = named_tokens["vision_bos_token"], named_tokens["vision_eos_token"]
+    image, video = named_tokens["image_token"], named_tokens["video_token"]
     audio = ("{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
              "{% set audio_count.value = audio_count.value + 1 %}"
              "{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}"
-             "<|audio_bos|><|AUDIO|><|audio_eos|>") if family == "omni" else ""
+             f"{named_tokens['audio_bos_token']}{named_tokens['audio_token']}{named_tokens['audio_eos_token']}"
+             ) if "audio_token" in named_tokens else ""
     return (
         "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
         "{% set video_count = namespace(value=0) %}"
@@ -109,9 +102,10 @@ def _template_text() -> list[str]:
     return ["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", *prompts] * 50
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 1024, family: str = "omni") -> Qwen2TokenizerFast:
+def build_tokenizer(corpus: list[str], vocab_size: int = 1024, special_tokens: list[str] = SPECIAL_TOKENS,
+                    named_tokens: dict = NAMED_TOKENS) -> Qwen2TokenizerFast:
     """Train a byte-level BPE (Qwen2's normaliser and pre-tokenizer) on `corpus`; append the
-    special tokens of `family` after the learned vocabulary. Deterministic for a given corpus."""
+    special tokens after the learned vocabulary. Deterministic for a given corpus."""
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -122,11 +116,11 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024, family: str = "om
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(list(corpus) + _template_text(), trainer)
-    bpe.add_special_tokens(SPECIAL_TOKENS[family])  # ids after the BPE vocab, like Qwen's
+    bpe.add_special_tokens(special_tokens)  # ids after the BPE vocab, like Qwen's
     return Qwen2TokenizerFast(
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
         unk_token=None, padding_side="left",  # left: the last position is every row's last token
-        extra_special_tokens=NAMED_TOKENS[family],
+        extra_special_tokens=named_tokens,
     )
 
 
@@ -244,7 +238,7 @@ def build_processor(tokenizer) -> Qwen2_5OmniProcessor:
     """The real Qwen2.5-Omni processor around `tokenizer`, sized for the tiny model."""
     return Qwen2_5OmniProcessor(image_processor=image_processor(), video_processor=video_processor(),
                                 feature_extractor=feature_extractor(), tokenizer=tokenizer,
-                                chat_template=chat_template("omni"))
+                                chat_template=chat_template())
 
 
 def count_parameters(model) -> dict[str, int]:

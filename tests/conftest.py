@@ -24,10 +24,18 @@ def omni_dir(tmp_path_factory):
     return tiny.build_tiny(tmp_path_factory.mktemp("omni"), seed=0, corpus=CORPUS, vocab_size=VOCAB, **SMALL)
 
 
+# The VL family (Qwen2-VL, Qwen2.5-VL) names its vision tokens differently and has no audio.
+VL_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+VL_NAMED_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                   "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"}
+
+
 def _build_vl(out_dir, config_class, model_class, processor_class, vision: dict):
     import torch
 
-    tokenizer = tiny.build_tokenizer(CORPUS, vocab_size=VOCAB, family="vl")
+    tokenizer = tiny.build_tokenizer(CORPUS, vocab_size=VOCAB, special_tokens=VL_SPECIAL_TOKENS,
+                                     named_tokens=VL_NAMED_TOKENS)
     tid = tokenizer.convert_tokens_to_ids
     text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2,
@@ -39,7 +47,7 @@ def _build_vl(out_dir, config_class, model_class, processor_class, vision: dict)
     torch.manual_seed(0)
     model_class(config).save_pretrained(out_dir)
     processor_class(image_processor=tiny.image_processor(), tokenizer=tokenizer,
-                    video_processor=tiny.video_processor(), chat_template=tiny.chat_template("vl")
+                    video_processor=tiny.video_processor(), chat_template=tiny.chat_template(VL_NAMED_TOKENS)
                     ).save_pretrained(out_dir)
     return out_dir
 

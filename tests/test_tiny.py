@@ -32,7 +32,7 @@ def test_build_is_deterministic(tmp_path):
 
 def test_default_size_is_a_few_million_parameters():
     tokenizer = tiny.build_tokenizer(CORPUS, vocab_size=1024)
-    config = tiny.tiny_config(1024 + len(tiny.SPECIAL_TOKENS["omni"]), **tiny.token_ids(tokenizer))
+    config = tiny.tiny_config(1024 + len(tiny.SPECIAL_TOKENS), **tiny.token_ids(tokenizer))
     with torch.device("meta"):  # shapes only: no memory, no init time
         model = Qwen2_5OmniThinkerForConditionalGeneration(config)
     counts = tiny.count_parameters(model)
@@ -58,7 +58,7 @@ def test_processor_round_trip(omni_dir, tmp_path):
     assert isinstance(processor.feature_extractor, WhisperFeatureExtractor)
     assert processor.feature_extractor.feature_size == 128 and processor.feature_extractor.sampling_rate == 16000
     assert (processor.image_processor.patch_size, processor.image_processor.merge_size) == (8, 2)
-    assert processor.chat_template == tiny.chat_template("omni")
+    assert processor.chat_template == tiny.chat_template()
     assert processor.tokenizer.padding_side == "left"
     processor.save_pretrained(tmp_path)
     again = AutoProcessor.from_pretrained(tmp_path)
@@ -110,7 +110,7 @@ def test_special_tokens_match_config(omni_dir):
     assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
     assert len(tok) == config.text_config.vocab_size
     # special tokens come after the learned BPE vocabulary, as in the real Qwen vocabulary
-    assert min(pairs[t] for t in tiny.SPECIAL_TOKENS["omni"] if t in pairs) >= len(tok) - len(tiny.SPECIAL_TOKENS["omni"])
+    assert min(pairs[t] for t in tiny.SPECIAL_TOKENS if t in pairs) >= len(tok) - len(tiny.SPECIAL_TOKENS)
 
 
 def test_greedy_generation_follows_the_logits(omni_dir):
