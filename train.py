@@ -49,7 +49,7 @@ import transformers
 
 from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny, world
 from lco_mini.tasks import PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
-from lco_mini.kernels import infonce
+from lco_mini.infonce import infonce
 
 
 def get_args(argv=None) -> argparse.Namespace:

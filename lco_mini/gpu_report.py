@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lco_mini.kernels import (_candidates, infonce_chunked, infonce_reference, infonce_triton, triton,
-                              triton_configs, triton_interprets)
+from lco_mini.infonce import infonce_candidates, infonce_chunked, infonce_reference, infonce_triton, triton_configs
 from lco_mini.kernels_bench import (_available_bytes, _Clock, _eager_bytes, _embeddings, _errors, _fmt,
                                     _loss_and_grads, _markdown)
 from lco_mini.pooling import TritonPool, pool_reference
+from lco_mini.triton_support import triton, triton_interprets
 
 EAGER_LIMIT_BYTES = 100e9  # eager cells whose estimated memory passes this are skipped, not attempted
 
@@ -95,7 +95,7 @@ def _compiled_infonce(a, p, n):
 
 def _eager_16bit(a, p, n, temperature=0.03):
     """What training code often writes: the logits from a 16-bit matmul, upcast for the cross-entropy."""
-    logits = (a @ _candidates(p, n).T).float() / temperature
+    logits = (a @ infonce_candidates(p, n).T).float() / temperature
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
@@ -109,7 +109,7 @@ def _inf_cl_provider():
         head_dim = next((d for d in (256, 128, 64, 32, 16) if a.shape[1] % d == 0), None)
         if head_dim is None:
             raise ValueError("inf_cl needs D divisible by 16")
-        return cal_inf_loss(a / temperature, _candidates(p, n), head_dim=head_dim)
+        return cal_inf_loss(a / temperature, infonce_candidates(p, n), head_dim=head_dim)
     return run
 
 
@@ -121,7 +121,7 @@ def _liger_provider():
     loss_fn = LigerFusedLinearCrossEntropyLoss()
 
     def run(a, p, n, temperature=0.03):  # InfoNCE as a "linear layer + CE": input a / tau, weight = candidates
-        out = loss_fn(_candidates(p, n), a / temperature, torch.arange(len(a), device=a.device))
+        out = loss_fn(infonce_candidates(p, n), a / temperature, torch.arange(len(a), device=a.device))
         return out[0] if isinstance(out, tuple) else out
     return run
 
@@ -253,7 +253,7 @@ def _infonce_benchmark(device, plan, budget, dry_run):
             continue
         a, p, n = _embeddings(B, h, D, dtype, device)
         truth, truth_name = _truth(a, p, n, device)
-        candidates = _candidates(p, n).detach()
+        candidates = infonce_candidates(p, n).detach()
         with torch.no_grad():
             matmul_ms = clock.ms(lambda: a.detach() @ candidates.T)  # the same-shape product, in the input dtype
         for name, fn, why_not in providers:

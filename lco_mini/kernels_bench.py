@@ -1,10 +1,10 @@
-"""Benchmarks of lco_mini.kernels (InfoNCE) and lco_mini.pooling; the library does not import this.
+"""Benchmarks of lco_mini.infonce (InfoNCE) and lco_mini.pooling; the library does not import this.
 
     python -m lco_mini.kernels_bench [--threads 1] [--big]       CPU: reference vs chunked InfoNCE (time, memory)
     python -m lco_mini.kernels_bench --gpu-report OUTDIR         CUDA: correctness + benchmarks -> OUTDIR/<gpu>.md/.csv
     python -m lco_mini.kernels_bench --gpu-report OUTDIR --dry-run   the same code on CPU: tiny shapes, interpreter
 
-(`python -m lco_mini.kernels ...` does the same.) This file holds the measuring tools (a clock with medians,
+This file holds the measuring tools (a clock with medians,
 peak memory, markdown tables), the CPU table and the command line; the GPU report is lco_mini/gpu_report.py.
 """
 import argparse
@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lco_mini.kernels import infonce_chunked, infonce_reference, triton, triton_interprets
+from lco_mini.infonce import infonce_chunked, infonce_reference
+from lco_mini.triton_support import triton, triton_interprets
 
 CPU_SHAPES = [(1024, 0, 256), (1024, 3, 256), (4096, 0, 128), (2048, 7, 64), (4096, 7, 128)]  # (B, hard negatives per anchor, D)
 CPU_BIG_SHAPE = (65536, 0, 256)  # B = N = 65536: 16 GiB of fp32 logits
