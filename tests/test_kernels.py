@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini import infonce as K
-from lco_mini import kernels_bench as KB
+from lco_mini import measure as M
 from lco_mini import pooling as P
 from lco_mini import triton_support as TS
 
@@ -133,7 +133,7 @@ def test_chunked_gradcheck_float64():
 
 
 def test_chunked_loss_never_materialises_the_logits():
-    """Peak resident memory of forward + backward (measured by the kernel, see KB.peak_rss_bytes): the
+    """Peak resident memory of forward + backward (measured by the kernel, see M.peak_rss_bytes): the
     reference must show the B x N fp32 logits, the chunked path only a few block x block tiles."""
     B = N = 8192
     logits_bytes = B * N * 4  # 256 MiB
@@ -147,9 +147,9 @@ def test_chunked_loss_never_materialises_the_logits():
     torch.set_num_threads(1)  # steadier on a shared machine: no oversubscribed thread pool
     try:
         run(K.infonce_chunked)  # warm-up: first allocations
-        small_tiles = KB.peak_rss_bytes(lambda: run(K.infonce_chunked, block=256))  # a few 256 KiB tiles
-        default_tiles = KB.peak_rss_bytes(lambda: run(K.infonce_chunked))  # 4 MiB tiles (+ allocator slack)
-        reference = KB.peak_rss_bytes(lambda: run(K.infonce_reference))
+        small_tiles = M.peak_rss_bytes(lambda: run(K.infonce_chunked, block=256))  # a few 256 KiB tiles
+        default_tiles = M.peak_rss_bytes(lambda: run(K.infonce_chunked))  # 4 MiB tiles (+ allocator slack)
+        reference = M.peak_rss_bytes(lambda: run(K.infonce_reference))
     finally:
         torch.set_num_threads(threads)
     assert reference > logits_bytes, f"the measurement missed the reference's logits: {reference / 2**20:.0f} MiB"
