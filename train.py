@@ -48,8 +48,8 @@ import torch
 import transformers
 
 from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
+from lco_mini.infonce import infonce
 from lco_mini.tasks import MEDIA_KEY, PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
-from lco_mini.kernels import infonce
 
 
 # ----------------------------------------------------------------------------- the two recipes

@@ -2,10 +2,12 @@
 
 Modules (one idea per file):
   lora           hand-written LoRA with peft-compatible adapter files
-  kernels        the InfoNCE loss: reference, chunked PyTorch, fused Triton
+  triton_support what the kernels share: the backend choice, Triton's interpreter, dtype rules
+  infonce        the InfoNCE loss: reference, chunked PyTorch, fused Triton
   pooling        last-token / mean pooling + L2 norm: reference and Triton
-  kernels_bench  measuring tools, the CPU benchmark and the command line for both
+  measure        measuring tools for the benchmarks: clock, peak memory, tables
   gpu_report     the GPU report: correctness and benchmarks of both on CUDA
+  kernels_bench  the CPU benchmark and the command line of both benchmarks
   media          decoding images, audio and video files
   tiny           the embedded tiny Qwen2.5-Omni-thinker-shaped default model
   backbone       loading an MLLM and turning prompted inputs into embeddings

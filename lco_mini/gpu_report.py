@@ -7,7 +7,8 @@ Made to run in about 3 to 4 minutes on an H200: every section has a deadline, ev
 budget, and every cell its own try block, so a slow or broken provider costs one row, never the
 report. Files are rewritten after each section. Correctness compares fp32/bf16/fp16 with the fp32
 reference; benchmarks put eager, torch.compile, chunked, Triton, inf_cl and liger_kernel side by side.
-The measuring tools (clock, memory, tables) are shared with the CPU benchmark in kernels_bench.py.
+The measuring tools (clock, memory, tables) are lco_mini/measure.py, shared with the CPU benchmark
+(lco_mini/kernels_bench.py, which also holds the command line).
 """
 import csv
 import gc
@@ -21,11 +22,11 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from lco_mini.kernels import (_candidates, infonce_chunked, infonce_reference, infonce_triton, triton,
-                              triton_configs, triton_interprets)
-from lco_mini.kernels_bench import (_available_bytes, _Clock, _eager_bytes, _embeddings, _errors, _fmt,
-                                    _loss_and_grads, _markdown)
+from lco_mini.infonce import infonce_candidates, infonce_chunked, infonce_reference, infonce_triton, triton_configs
+from lco_mini.measure import (Clock, available_bytes, eager_bytes, embeddings, errors, fmt, loss_and_grads,
+                              markdown)
 from lco_mini.pooling import TritonPool, pool_reference
+from lco_mini.triton_support import triton, triton_interprets
 
 EAGER_LIMIT_BYTES = 100e9  # eager cells whose estimated memory passes this are skipped, not attempted
 
@@ -95,7 +96,7 @@ def _compiled_infonce(a, p, n):
 
 def _eager_16bit(a, p, n, temperature=0.03):
     """What training code often writes: the logits from a 16-bit matmul, upcast for the cross-entropy."""
-    logits = (a @ _candidates(p, n).T).float() / temperature
+    logits = (a @ infonce_candidates(p, n).T).float() / temperature
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
@@ -109,7 +110,7 @@ def _inf_cl_provider():
         head_dim = next((d for d in (256, 128, 64, 32, 16) if a.shape[1] % d == 0), None)
         if head_dim is None:
             raise ValueError("inf_cl needs D divisible by 16")
-        return cal_inf_loss(a / temperature, _candidates(p, n), head_dim=head_dim)
+        return cal_inf_loss(a / temperature, infonce_candidates(p, n), head_dim=head_dim)
     return run
 
 
@@ -121,7 +122,7 @@ def _liger_provider():
     loss_fn = LigerFusedLinearCrossEntropyLoss()
 
     def run(a, p, n, temperature=0.03):  # InfoNCE as a "linear layer + CE": input a / tau, weight = candidates
-        out = loss_fn(_candidates(p, n), a / temperature, torch.arange(len(a), device=a.device))
+        out = loss_fn(infonce_candidates(p, n), a / temperature, torch.arange(len(a), device=a.device))
         return out[0] if isinstance(out, tuple) else out
     return run
 
@@ -135,12 +136,12 @@ def _fastest_triton_config(a, p, n, clock):
     timings = {}
     for config in triton_configs(a.device, a.dtype):
         try:
-            timings[config] = clock.ms(lambda: _loss_and_grads(lambda a, p, n: infonce_triton(a, p, n, config=config), a, p, n))
+            timings[config] = clock.ms(lambda: loss_and_grads(lambda a, p, n: infonce_triton(a, p, n, config=config), a, p, n))
         except Exception as e:  # e.g. a config that does not fit this GPU's shared memory
             timings[config] = f"{type(e).__name__}"
     measured = [c for c, t in timings.items() if isinstance(t, float)]
     best = min(measured, key=timings.get) if measured else next(iter(timings))
-    note = "configs: " + ", ".join(f"{c} {_fmt(t)}" + (" ms" if isinstance(t, float) else "") for c, t in timings.items())
+    note = "configs: " + ", ".join(f"{c} {fmt(t)}" + (" ms" if isinstance(t, float) else "") for c, t in timings.items())
     return best, (note if len(timings) > 1 else "")
 
 
@@ -162,19 +163,19 @@ def _truth(a, p, n, device):
     """Loss and fp32 gradients of the fp32 reference on fp32 copies; the chunked path when that won't fit."""
     copies = [None if t is None else t.detach().float().requires_grad_() for t in (a, p, n)]
     N = len(p) + (0 if n is None else len(n))
-    if _eager_bytes(len(a), N) < min(EAGER_LIMIT_BYTES, 0.9 * _available_bytes(device)):
+    if eager_bytes(len(a), N) < min(EAGER_LIMIT_BYTES, 0.9 * available_bytes(device)):
         try:
-            return _loss_and_grads(infonce_reference, *copies), "reference"
+            return loss_and_grads(infonce_reference, *copies), "reference"
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
-    return _loss_and_grads(infonce_chunked, *copies), "chunked (reference OOM)"
+    return loss_and_grads(infonce_chunked, *copies), "chunked (reference OOM)"
 
 
 def _infonce_correctness(device, plan):
     rows = []
     for B, h, D in plan.check_infonce:
         for dtype in plan.check_dtypes:
-            a, p, n = _embeddings(B, h, D, dtype, device, seed=B + D)
+            a, p, n = embeddings(B, h, D, dtype, device, seed=B + D)
             truth, _ = _truth(a, p, n, device)
             loss_tol, grad_tol = _TOLERANCE[dtype]
             configs = triton_configs(device, dtype)
@@ -187,8 +188,8 @@ def _infonce_correctness(device, plan):
             for name, fn in checks:
                 row = dict(B=B, N=B * (1 + h), D=D, dtype=str(dtype).replace("torch.", ""), path=name)
                 try:
-                    first, second = _loss_and_grads(fn, a, p, n), _loss_and_grads(fn, a, p, n)
-                    loss_err, grad_err = _errors(first, truth)
+                    first, second = loss_and_grads(fn, a, p, n), loss_and_grads(fn, a, p, n)
+                    loss_err, grad_err = errors(first, truth)
                     same = bool(torch.equal(first[0], second[0]) and all(torch.equal(x, y) for x, y in zip(first[1], second[1])))
                     ok = loss_err <= loss_tol and grad_err <= grad_tol and (same or not name.startswith("triton"))
                     row.update({"loss abs err": loss_err, "grad rel err": grad_err, "tolerance": f"{loss_tol:g} / {grad_tol:g}",
@@ -196,7 +197,7 @@ def _infonce_correctness(device, plan):
                 except Exception as e:  # report, never crash: this runs once with a hard time limit
                     row.update({"result": "FAIL", "note": f"{type(e).__name__}: {str(e)[:120]}"})
                 rows.append(row)
-                print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+                print("  ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
     return rows
 
 
@@ -239,28 +240,28 @@ def _pool_correctness(device, plan):
             except Exception as e:
                 row.update({"result": "FAIL", "note": f"{type(e).__name__}: {str(e)[:120]}"})
             rows.append(row)
-            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            print("  ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
     return rows
 
 
 def _infonce_benchmark(device, plan, budget, dry_run):
-    clock, dtype, rows = _Clock(device, repeats=2), plan.bench_dtype, []
+    clock, dtype, rows = Clock(device, repeats=2), plan.bench_dtype, []
     providers = _infonce_providers(device, dtype, dry_run)
     for B, h, D in plan.infonce:
         N = B * (1 + h)
         if budget.elapsed() > plan.infonce_until_s:
             rows.append(dict(B=B, h=h, N=N, D=D, note="skipped: report time budget"))
             continue
-        a, p, n = _embeddings(B, h, D, dtype, device)
+        a, p, n = embeddings(B, h, D, dtype, device)
         truth, truth_name = _truth(a, p, n, device)
-        candidates = _candidates(p, n).detach()
+        candidates = infonce_candidates(p, n).detach()
         with torch.no_grad():
             matmul_ms = clock.ms(lambda: a.detach() @ candidates.T)  # the same-shape product, in the input dtype
         for name, fn, why_not in providers:
             row = dict(B=B, h=h, N=N, D=D, provider=name)
             eager = name.startswith(("eager", "torch.compile"))
             why_not = why_not or budget.skip_reason(name, plan.infonce_until_s) or (
-                eager and _eager_bytes(B, N) > EAGER_LIMIT_BYTES and "skipped: est. memory > 100 GB")
+                eager and eager_bytes(B, N) > EAGER_LIMIT_BYTES and "skipped: est. memory > 100 GB")
             if why_not:
                 row["note"] = why_not
             else:
@@ -271,12 +272,12 @@ def _infonce_benchmark(device, plan, budget, dry_run):
                         row["provider"] = f"{name} {config}"
                         fn = lambda a, p, n, config=config: infonce_triton(a, p, n, config=config)  # noqa: E731
                     result = []
-                    extra = clock.peak_bytes(lambda: result.append(_loss_and_grads(fn, a, p, n)))
-                    loss_err, grad_err = _errors(result[0], truth)
+                    extra = clock.peak_bytes(lambda: result.append(loss_and_grads(fn, a, p, n)))
+                    loss_err, grad_err = errors(result[0], truth)
                     del result
                     with torch.no_grad():
                         fwd_ms = clock.ms(lambda: fn(a, p, n))
-                    full_ms = clock.ms(lambda: _loss_and_grads(fn, a, p, n))
+                    full_ms = clock.ms(lambda: loss_and_grads(fn, a, p, n))
                     row.update({"fwd ms": fwd_ms, "fwd+bwd ms": full_ms, "extra peak MiB": extra / 2**20,
                                 "TFLOP/s": 6 * B * N * D / full_ms / 1e9, "x (3 matmul)": full_ms / (3 * matmul_ms),
                                 "loss err": loss_err, "grad err": grad_err, "vs": truth_name})
@@ -292,7 +293,7 @@ def _infonce_benchmark(device, plan, budget, dry_run):
                     torch.cuda.empty_cache()
                 budget.spend(name, time.perf_counter() - start)
             rows.append(row)
-            print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+            print("  ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
         rows.append(dict(B=B, h=h, N=N, D=D, provider=f"matmul {str(dtype).replace('torch.', '')} (B x D @ D x N)", **{"fwd ms": matmul_ms}))
         del a, p, n, truth, candidates
     return rows
@@ -306,7 +307,7 @@ def _copy_gbs(device, clock, nbytes):
 
 
 def _pool_benchmark(device, plan, budget):
-    clock, dtype, rows = _Clock(device, repeats=2, rep_ms=30), plan.bench_dtype, []
+    clock, dtype, rows = Clock(device, repeats=2, rep_ms=30), plan.bench_dtype, []
     nbytes = 2**30 if device.type == "cuda" else 2**24
     copy_gbs = _copy_gbs(device, clock, nbytes)
     rows.append(dict(mode="copy", **{"fwd GB/s": copy_gbs, "note": f"copy_ of {nbytes >> 20} MiB (read + write): the yardstick"}))
@@ -344,7 +345,7 @@ def _pool_benchmark(device, plan, budget):
                     except Exception as e:
                         row["note"] = f"error: {type(e).__name__}: {str(e)[:100]}"
                     rows.append(row)
-                    print("  ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
+                    print("  ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
                 del hidden, mask
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -373,7 +374,7 @@ def _write_report(outdir, env, sections):
     stem = os.path.join(outdir, re.sub(r"[^A-Za-z0-9._-]+", "-", env["gpu"]).strip("-") or "report")
     lines = [f"# lco_mini.kernels report: {env['gpu']}", "", ", ".join(f"{k}: {v}" for k, v in env.items()), ""]
     for title, columns, rows, notes in sections:
-        lines += [f"## {title}", "", *notes, "", _markdown(rows, columns), ""]
+        lines += [f"## {title}", "", *notes, "", markdown(rows, columns), ""]
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines))
     columns = ["section"] + list(env)
@@ -404,7 +405,7 @@ def gpu_report(outdir=None, dry_run=False):
 
     def section(title, columns, rows, notes=()):
         sections.append((title, columns, rows, list(notes)))
-        print(f"\n## {title}\n" + "\n".join(notes) + "\n" + _markdown(rows, columns) + "\n", flush=True)
+        print(f"\n## {title}\n" + "\n".join(notes) + "\n" + markdown(rows, columns) + "\n", flush=True)
         if outdir:
             _write_report(outdir, env, sections)
 

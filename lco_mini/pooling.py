@@ -10,16 +10,15 @@ Two implementations give the same numbers (tests/test_kernels.py):
   triton     the span of the mask per row, masked sums over (row, D block, piece of T) programs,
              then one program per row that divides or gathers and normalises; one backward kernel
              writes the dense gradient. Never builds a masked [B, T, D] copy.
-backend="auto" picks Triton for CUDA tensors (the plumbing is shared with lco_mini/kernels.py).
+backend="auto" picks Triton for CUDA tensors (the plumbing, lco_mini/triton_support.py, is shared with
+the InfoNCE loss in lco_mini/infonce.py).
 """
 import torch
 import torch.nn.functional as F
 
-from lco_mini.kernels import (NORMALIZE_EPS, TRITON_DTYPES, _accumulation_dtype, _choose_path, _launcher,
-                              triton)
+from lco_mini.triton_support import TRITON_DTYPES, accumulation_dtype, choose_path, launcher, tl, triton
 
-if triton is not None:
-    import triton.language as tl
+NORMALIZE_EPS = 1e-12  # F.normalize's default
 
 
 def _check_pool_inputs(hidden, attention_mask, mode):
@@ -205,21 +204,21 @@ class TritonPool(torch.autograd.Function):
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         (B, T, D), device = hidden.shape, hidden.device
         block_t, block_d = _pool_blocks(device)
-        acc_dtype = _accumulation_dtype(hidden.dtype)
+        acc_dtype = accumulation_dtype(hidden.dtype)
         span = torch.empty((3, B), dtype=torch.int32, device=device)
-        _launcher(_pool_span_kernel)[(B,)](mask, span, B, T, mask.stride(0), BLOCK_T=16 * block_t)
+        launcher(_pool_span_kernel)[(B,)](mask, span, B, T, mask.stride(0), BLOCK_T=16 * block_t)
         pieces, partial = 1, span  # span stands in for the unused partial sums of "last"
         if mean:
             d_blocks = triton.cdiv(D, block_d)
             pieces = _pool_pieces(B * d_blocks, triton.cdiv(T, block_t), device)
             partial = torch.empty((pieces, B, D), dtype=acc_dtype, device=device)
-            _launcher(_pool_sum_kernel)[(B, d_blocks, pieces)](
+            launcher(_pool_sum_kernel)[(B, d_blocks, pieces)](
                 hidden, mask, span, partial, B, T, D, hidden.stride(0), hidden.stride(1), mask.stride(0), pieces,
                 BLOCK_T=block_t, BLOCK_D=block_d)
         pooled = torch.empty((B, D), dtype=acc_dtype, device=device)
         out = torch.empty((B, D), dtype=hidden.dtype, device=device)
         norm = torch.empty(B, dtype=acc_dtype, device=device)
-        _launcher(_pool_finish_kernel)[(B,)](
+        launcher(_pool_finish_kernel)[(B,)](
             hidden, partial, span, pooled, out, norm, B, D, hidden.stride(0), hidden.stride(1), pieces, NORMALIZE_EPS,
             MEAN=mean, NORMALIZE=normalize, BLOCK_D=4 * block_d)
         ctx.save_for_backward(mask, pooled, norm, span)
@@ -233,7 +232,7 @@ class TritonPool(torch.autograd.Function):
         block_t, block_d = _pool_blocks(pooled.device)
         block_t = min(block_t, 32)  # the backward only writes: 32 x 128 tiles measured 3.4-4 TB/s on an H200
         grad_hidden = torch.empty(ctx.hidden_shape, dtype=ctx.hidden_dtype, device=pooled.device)
-        _launcher(_pool_bwd_kernel)[(B, triton.cdiv(T, block_t))](
+        launcher(_pool_bwd_kernel)[(B, triton.cdiv(T, block_t))](
             grad_out.contiguous(), pooled, norm, mask, span, grad_hidden, B, T, D, mask.stride(0), NORMALIZE_EPS,
             MEAN=ctx.mean, NORMALIZE=ctx.normalize, BLOCK_T=block_t, BLOCK_D=block_d)
         return grad_hidden, None, None, None
@@ -247,7 +246,7 @@ def pool(hidden, attention_mask, mode="last", normalize=True, backend="auto"):
     (pooling has no large intermediate to chunk). A row with no attended token is a ValueError.
     """
     _check_pool_inputs(hidden, attention_mask, mode)
-    path = _choose_path("pool", backend, hidden.device, "reference")
+    path = choose_path("pool", backend, hidden.device, "reference")
     if path in ("reference", "chunked"):
         return pool_reference(hidden, attention_mask, mode, normalize)
     if hidden.dtype not in TRITON_DTYPES + (torch.float64,):

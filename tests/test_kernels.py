@@ -1,4 +1,4 @@
-"""Tests for lco_mini.kernels (InfoNCE: reference, chunked, Triton) and lco_mini.pooling (reference, Triton), and
+"""Tests for lco_mini.infonce (InfoNCE: reference, chunked, Triton) and lco_mini.pooling (reference, Triton), and
 for the GPU report of lco_mini.kernels_bench, run as a dry run on CPU from the command line.
 
 Every path is checked against an authority: the reference InfoNCE is F.cross_entropy over materialised
@@ -20,12 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lco_mini import kernels as K
+from lco_mini import infonce as K
+from lco_mini import measure as M
 from lco_mini import pooling as P
-from lco_mini import kernels_bench as KB
+from lco_mini import triton_support as TS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRITON_SESSION = K.triton is not None and K.triton_interprets()  # is Triton's interpreter on in this process?
+TRITON_SESSION = TS.triton is not None and TS.triton_interprets()  # is Triton's interpreter on in this process?
 CPU = torch.device("cpu")
 
 
@@ -132,7 +133,7 @@ def test_chunked_gradcheck_float64():
 
 
 def test_chunked_loss_never_materialises_the_logits():
-    """Peak resident memory of forward + backward (measured by the kernel, see KB.peak_rss_bytes): the
+    """Peak resident memory of forward + backward (measured by the kernel, see M.peak_rss_bytes): the
     reference must show the B x N fp32 logits, the chunked path only a few block x block tiles."""
     B = N = 8192
     logits_bytes = B * N * 4  # 256 MiB
@@ -146,9 +147,9 @@ def test_chunked_loss_never_materialises_the_logits():
     torch.set_num_threads(1)  # steadier on a shared machine: no oversubscribed thread pool
     try:
         run(K.infonce_chunked)  # warm-up: first allocations
-        small_tiles = KB.peak_rss_bytes(lambda: run(K.infonce_chunked, block=256))  # a few 256 KiB tiles
-        default_tiles = KB.peak_rss_bytes(lambda: run(K.infonce_chunked))  # 4 MiB tiles (+ allocator slack)
-        reference = KB.peak_rss_bytes(lambda: run(K.infonce_reference))
+        small_tiles = M.peak_rss_bytes(lambda: run(K.infonce_chunked, block=256))  # a few 256 KiB tiles
+        default_tiles = M.peak_rss_bytes(lambda: run(K.infonce_chunked))  # 4 MiB tiles (+ allocator slack)
+        reference = M.peak_rss_bytes(lambda: run(K.infonce_reference))
     finally:
         torch.set_num_threads(threads)
     assert reference > logits_bytes, f"the measurement missed the reference's logits: {reference / 2**20:.0f} MiB"
@@ -178,7 +179,7 @@ def test_infonce_rejects_unknown_backend():
 
 def test_auto_backend_on_cpu_is_chunked_and_says_so_once(capsys):
     a, p, n = embeddings(5, 5, 8)
-    K._announced.clear()
+    TS._announced.clear()
     loss = K.infonce(a, p, n)
     K.infonce(a, p, n)
     lines = [line for line in capsys.readouterr().err.splitlines() if "lco_mini.kernels" in line]
@@ -202,12 +203,12 @@ def test_chunk_rows_at_the_largest_benchmark_shape():
 
 
 def test_gpu_report_dry_run_from_the_command_line(tmp_path):
-    """`python -m lco_mini.kernels --gpu-report DIR --dry-run`: kernels.py hands over to kernels_bench, which
-    restarts itself with Triton's interpreter and runs the report's own code with tiny shapes on CPU."""
-    assert K.triton is not None, "the report needs triton (see requirements.txt)"
+    """`python -m lco_mini.kernels_bench --gpu-report DIR --dry-run`: kernels_bench restarts itself with Triton's
+    interpreter and runs the report's own code (lco_mini/gpu_report.py) with tiny shapes on CPU."""
+    assert TS.triton is not None, "the report needs triton (see requirements.txt)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
-    child = subprocess.run([sys.executable, "-m", "lco_mini.kernels", "--gpu-report", str(tmp_path), "--dry-run"],
+    child = subprocess.run([sys.executable, "-m", "lco_mini.kernels_bench", "--gpu-report", str(tmp_path), "--dry-run"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
     assert sorted(os.listdir(tmp_path)) == ["cpu-dry-run.csv", "cpu-dry-run.md"]
@@ -309,7 +310,7 @@ if not TRITON_SESSION:
 
     def test_triton_kernels_in_the_interpreter():
         """Runs this file's Triton tests in a child pytest with TRITON_INTERPRET=1 (see the docstring)."""
-        assert K.triton is not None, "the Triton tests need triton (see requirements.txt)"
+        assert TS.triton is not None, "the Triton tests need triton (see requirements.txt)"
         env = {**os.environ, "TRITON_INTERPRET": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),

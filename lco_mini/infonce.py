@@ -28,71 +28,24 @@ Three implementations give the same numbers (tests/test_kernels.py checks each a
              to d c. R is chosen so that G costs no more than the embeddings themselves. No atomics:
              bit-for-bit deterministic. fp32 / bf16 / fp16 inputs, fp32 accumulation.
 
-Pooling (hidden states -> one vector per row) lives next door, in lco_mini/pooling.py.
+Pooling (hidden states -> one vector per row) lives next door, in lco_mini/pooling.py; what both share
+(the backend choice, Triton's interpreter, dtype rules) in lco_mini/triton_support.py.
 
 backend="auto" takes Triton for CUDA tensors and the PyTorch path on CPU, and says once which. On CPU,
 backend="triton" runs the kernels in Triton's interpreter when TRITON_INTERPRET=1 (slow; for tests).
-The benchmark and the GPU report live in lco_mini/kernels_bench.py:
-    python -m lco_mini.kernels_bench [--big] [--gpu-report OUTDIR [--dry-run]]   (or python -m lco_mini.kernels)
+The benchmark and the GPU report live in lco_mini/kernels_bench.py and lco_mini/gpu_report.py:
+    python -m lco_mini.kernels_bench [--big] [--gpu-report OUTDIR [--dry-run]]
 """
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # triton comes with torch's Linux wheels; elsewhere only the PyTorch paths exist
-    triton = None
-
-BACKENDS = ("auto", "reference", "chunked", "triton")
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-NORMALIZE_EPS = 1e-12  # F.normalize's default
+from lco_mini.triton_support import TRITON_DTYPES, accumulation_dtype, choose_path, launcher, require_triton, tl, triton
 
 
-# ----------------------------------------------------------------------------- checks, backend choice
-
-_announced = set()
-
-
-def _announce(what, path, why):
-    """Say once per process which path a function takes: no silent fallbacks."""
-    if (what, path) not in _announced:
-        _announced.add((what, path))
-        print(f"lco_mini.kernels: {what} uses the {path} path ({why})", file=sys.stderr)
-
-
-def _require_triton(device):
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package (Linux: pip install triton); "
-                           "use backend='chunked' instead")
-    if device.type == "cpu" and not triton_interprets():
-        raise RuntimeError("backend='triton' got CPU tensors: Triton kernels run on CUDA GPUs, and on CPU only in "
-                           "Triton's interpreter, which TRITON_INTERPRET=1 switches on when set before triton is "
-                           "imported (e.g. in the shell). Use backend='chunked' on CPU.")
-    if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"backend='triton' supports CUDA (or CPU with TRITON_INTERPRET=1), not {device.type}")
-
-
-def _choose_path(what, backend, device, pytorch_path):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if backend == "triton":
-        _require_triton(device)
-    if backend != "auto":
-        return backend
-    if device.type == "cuda" and triton is not None:
-        path, why = "triton", "CUDA tensors"
-    elif device.type == "cuda":
-        path, why = pytorch_path, "triton is not installed"
-    else:
-        path, why = pytorch_path, f"tensors on {device.type}"
-    _announce(what, path, why)
-    return path
-
+# ----------------------------------------------------------------------------- checks
 
 def _check_infonce_inputs(anchor, positive, negative, temperature):
     if anchor.dim() != 2 or anchor.shape != positive.shape:
@@ -110,21 +63,17 @@ def _check_infonce_inputs(anchor, positive, negative, temperature):
         raise ValueError(f"temperature must be > 0; got {temperature}")
 
 
-def _candidates(positive, negative):
+def infonce_candidates(positive, negative):
+    """The candidates of InfoNCE: cat(positive, negative) [N, D], N = B + M; just positive when there are no negatives."""
     return positive if negative is None or len(negative) == 0 else torch.cat([positive, negative])
-
-
-def _accumulation_dtype(dtype):
-    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (so gradcheck works)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # ----------------------------------------------------------------------------- InfoNCE: reference, chunked
 
 def infonce_reference(anchor, positive, negative=None, temperature=0.03):
     """The ground truth: materialise the B x N logits in fp32 and let F.cross_entropy do the rest."""
-    candidates = _candidates(positive, negative)
-    dtype = _accumulation_dtype(anchor.dtype)
+    candidates = infonce_candidates(positive, negative)
+    dtype = accumulation_dtype(anchor.dtype)
     logits = anchor.to(dtype) @ candidates.to(dtype).T / temperature
     return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
 
@@ -141,7 +90,7 @@ class ChunkedInfoNCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, candidates, temperature, block):
-        acc = _accumulation_dtype(anchor.dtype)
+        acc = accumulation_dtype(anchor.dtype)
         a, c = anchor.to(acc), candidates.to(acc)
         lse = torch.empty(len(a), dtype=acc, device=a.device)
         for i0 in range(0, len(a), block):  # Triton: one program per anchor tile
@@ -183,41 +132,10 @@ class ChunkedInfoNCE(torch.autograd.Function):
 def infonce_chunked(anchor, positive, negative=None, temperature=0.03, block=None):
     """InfoNCE in O((B + N) D + block^2) memory; block defaults to 1024 on CPU, 4096 on GPU."""
     block = block or (4096 if anchor.is_cuda else 1024)
-    return ChunkedInfoNCE.apply(anchor, _candidates(positive, negative), float(temperature), block)
+    return ChunkedInfoNCE.apply(anchor, infonce_candidates(positive, negative), float(temperature), block)
 
 
-# ----------------------------------------------------------------------------- Triton plumbing
-
-def triton_interprets():
-    """True when triton was imported with TRITON_INTERPRET=1: every @triton.jit function (ours and those of
-    triton.language, such as tl.zeros) is then run by Triton's CPU interpreter. The switch is read when
-    the functions are defined, so it must be in the environment before triton is first imported."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(tl.zeros, InterpretedFunction)
-
-
-def _launcher(kernel):
-    """The kernel, made ready for the interpreter when that is what runs it."""
-    if triton_interprets():
-        _patch_interpreter_for_numpy_2_4()
-    return kernel
-
-
-def _patch_interpreter_for_numpy_2_4():
-    """Triton 3.6's interpreter turns loop bounds into ints with int(one-element array), which NumPy >= 2.4
-    refuses (triton-lang/triton#9171, fixed upstream). Read the element explicitly; interpreter only."""
-    import triton.runtime.interpreter as interpreter
-    original = interpreter._patch_lang_tensor
-    if getattr(original, "lco_mini_patched", False):
-        return
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched.lco_mini_patched = True
-    interpreter._patch_lang_tensor = patched
-
+# ----------------------------------------------------------------------------- Triton
 
 @dataclass(frozen=True)
 class TritonConfig:
@@ -368,7 +286,7 @@ class TritonInfoNCE(torch.autograd.Function):
         pieces, per_piece = _split(n_tiles, m_tiles, config.min_programs)
         lse_parts = torch.empty((pieces, B), dtype=torch.float32, device=anchor.device)
         label_parts = torch.empty_like(lse_parts)
-        _launcher(_infonce_fwd_kernel)[(m_tiles, pieces)](
+        launcher(_infonce_fwd_kernel)[(m_tiles, pieces)](
             anchor, candidates, lse_parts, label_parts, B, N, D, 1.0 / temperature, per_piece,
             **_triton_launch_args(config, anchor.dtype))
         lse = torch.logsumexp(lse_parts, dim=0)  # combine the pieces of each row (a fixed order: deterministic)
@@ -396,7 +314,7 @@ class TritonInfoNCE(torch.autograd.Function):
         for r0 in range(0, B, R):
             rows = min(R, B - r0)
             g, chunk = g_buffer[:rows, :N], anchor[r0:r0 + rows]
-            _launcher(_infonce_g_kernel)[(triton.cdiv(rows, config.block_m), triton.cdiv(N, config.block_n))](
+            launcher(_infonce_g_kernel)[(triton.cdiv(rows, config.block_m), triton.cdiv(N, config.block_n))](
                 chunk, candidates, lse[r0:r0 + rows], g, rows, N, D, g_buffer.stride(0), r0, 1.0 / ctx.temperature, **launch)
             if want_anchor:
                 grad_anchor[r0:r0 + rows] = _matmul_fp32(g, candidates).mul_(scale)
@@ -409,11 +327,11 @@ class TritonInfoNCE(torch.autograd.Function):
 
 def infonce_triton(anchor, positive, negative=None, temperature=0.03, config=None):
     """InfoNCE with the Triton kernels; config (a TritonConfig) defaults to triton_configs()[0]."""
-    _require_triton(anchor.device)
+    require_triton(anchor.device)
     if anchor.dtype not in TRITON_DTYPES:
         raise TypeError(f"the Triton InfoNCE takes {TRITON_DTYPES}; got {anchor.dtype}")
     config = config or triton_configs(anchor.device, anchor.dtype)[0]
-    return TritonInfoNCE.apply(anchor, _candidates(positive, negative), float(temperature), config)
+    return TritonInfoNCE.apply(anchor, infonce_candidates(positive, negative), float(temperature), config)
 
 
 def infonce(anchor, positive, negative=None, temperature=0.03, backend="auto"):
@@ -423,14 +341,10 @@ def infonce(anchor, positive, negative=None, temperature=0.03, backend="auto"):
     backend: "auto" | "reference" | "chunked" | "triton" (see the module docstring). Returns an fp32 scalar.
     """
     _check_infonce_inputs(anchor, positive, negative, temperature)
-    path = _choose_path("infonce", backend, anchor.device, "chunked")
+    path = choose_path("infonce", backend, anchor.device, "chunked")
     if path == "reference":
         return infonce_reference(anchor, positive, negative, temperature)
     if path == "chunked":
         return infonce_chunked(anchor, positive, negative, temperature)
     return infonce_triton(anchor, positive, negative, temperature)
 
-
-if __name__ == "__main__":  # the benchmark and GPU report live next door; this keeps `python -m lco_mini.kernels`
-    from lco_mini.kernels_bench import main
-    main()
