@@ -288,7 +288,7 @@ class Run:
             group["lr"] = lr
         return lr
 
-    def update(self, step: int, loss: torch.Tensor) -> None:
+    def optimizer_step(self, step: int, loss: torch.Tensor) -> None:
         """After backward: stop on a non-finite loss, average gradients over processes, clip, step."""
         if not torch.isfinite(loss):
             raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. "
@@ -373,7 +373,8 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         with autocast(device):
             loss = generative_loss(model, processor, examples, device)  # forward
         loss.backward()
-        run.update(step, loss.detach())  # average gradients across processes, clip, AdamW step
+        loss, examples = loss.detach(), None  # keep the number only: the graph would live into the next step
+        run.optimizer_step(step, loss)  # average gradients across processes, clip, AdamW step
         run.log_and_checkpoint(step, lr)
     model.eval()
 
@@ -458,7 +459,8 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
             else:
                 loss = batch_loss(embed_items(model, processor, items, device), len(triples), args)  # forward
                 loss.backward()
-        run.update(step, loss.detach() / distributed.world_size())  # average gradients, clip, AdamW step
+        loss, items, triples = loss.detach(), None, None  # the number only: the graph would live into the next step
+        run.optimizer_step(step, loss / distributed.world_size())  # average gradients, clip, AdamW step
         run.log_and_checkpoint(step, lr)
     model.eval()
     return model, processor

@@ -195,7 +195,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
             lr = run.set_lr(step)
             loss = model(torch.ones(1, 3)).sum() * (math.nan if step == 3 else 1.0)
             loss.backward()
-            run.update(step, loss.detach())
+            run.optimizer_step(step, loss.detach())
             run.log_and_checkpoint(step, lr)
     assert torch.load(ckpt, weights_only=False)["step"] == 2  # the good checkpoint survived
 
