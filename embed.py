@@ -242,6 +242,11 @@ def main(argv=None) -> None:
     import transformers
 
     check_device(args.device)
+    from lco_mini import backbone
+    try:
+        backbone.load_config(args.model)  # a text-only LLM or an unreachable hub: one line, before loading
+    except (OSError, ValueError) as e:
+        fail(" ".join(str(e).split())[:300])
     transformers.utils.logging.disable_progress_bar()  # a tiny model loads in a blink; keep the output clean
 
     try:

@@ -86,7 +86,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="tiny",
                    help="'tiny' (the built-in default, built and pretrained here) or a hub id / folder")
     p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--seed", type=int, default=0, help="seed for model init, data order and dropout")
+    p.add_argument("--seed", type=runs.number(low=0, high=2**32 - 1025), default=0,
+                   help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     # generative stage
     p.add_argument("--pretrain-steps", type=runs.number(low=1),
@@ -183,17 +184,18 @@ def local_slice(examples: list) -> list:
 
 # ----------------------------------------------------------------------------- losses
 
-def generative_loss(model, processor, examples, device) -> torch.Tensor:
+def generative_loss(model, processor, examples, device, max_text_tokens=media.MAX_TEXT_TOKENS) -> torch.Tensor:
     """Next-token cross-entropy on the target text only (the prompt is not scored)."""
     items, targets = zip(*examples)
-    inputs = backbone.build_inputs(processor, list(items), targets=list(targets)).to(device)
+    inputs = backbone.build_inputs(processor, list(items), targets=list(targets), max_text_tokens=max_text_tokens)
+    inputs = inputs.to(device)
     labels = inputs.pop("labels")
     logits = model(**inputs).logits.float()
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def embed_items(model, processor, items, device) -> torch.Tensor:
-    return backbone.embed_batch(model, backbone.build_inputs(processor, items).to(device))
+def embed_items(model, processor, items, device, max_text_tokens=media.MAX_TEXT_TOKENS) -> torch.Tensor:
+    return backbone.embed_batch(model, backbone.build_inputs(processor, items, max_text_tokens=max_text_tokens).to(device))
 
 
 def batch_items(triples, args) -> list:
@@ -229,13 +231,13 @@ def gradcache(model, processor, triples, args, device) -> torch.Tensor:
     with torch.no_grad():
         for chunk in chunks:
             states.append(checkpoint.rng_state())  # every device's RNG: step (3) replays the same dropout masks
-            cached.append(embed_items(model, processor, chunk, device))
+            cached.append(embed_items(model, processor, chunk, device, args.max_text_tokens))
     embeddings = torch.cat(cached).detach().requires_grad_()
     loss = batch_loss(embeddings, len(triples), args)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
         checkpoint.set_rng_state(state)
-        embed_items(model, processor, chunk, device).backward(grad)
+        embed_items(model, processor, chunk, device, args.max_text_tokens).backward(grad)
     return loss.detach()
 
 
@@ -347,6 +349,9 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     base = out / "base"
     if args.resume and base.exists():
         say(f"pretrain: {base} is complete, skipping")
+        state = checkpoint.load(out / "pretrain.ckpt.pt")
+        if state is not None:  # the RNG as an uninterrupted run leaves pretraining: CL then draws the same
+            checkpoint.set_rng_state(state["rng"])
         return base
     if args.model == "tiny":
         init = build_tiny_init(args, out)
@@ -371,7 +376,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         lr = run.set_lr(step)
         examples = local_slice(source(step))  # this process's share of the step's (item, target text) pairs
         with autocast(device):
-            loss = generative_loss(model, processor, examples, device)  # forward
+            loss = generative_loss(model, processor, examples, device, args.max_text_tokens)  # forward
         loss.backward()
         loss, examples = loss.detach(), None  # keep the number only: the graph would live into the next step
         run.optimizer_step(step, loss)  # average gradients across processes, clip, AdamW step
@@ -392,6 +397,10 @@ def read_pairs(path: str, args, name: str) -> list:
     say(f"{name}: {len(pairs)} pairs from {path}" + (f", {bad} bad lines skipped" if bad else ""))
     if name == "contrastive" and args.hard_negatives and any(p.negative is None for p in pairs):
         raise TrainingError(f"{path}: some lines have no 'negative'; pass --no-hard-negatives to train without")
+    for pair in pairs if name == "pretrain" else []:  # the positive is the text to generate
+        if set(pair.positive) != {"text"}:
+            raise TrainingError(f"{path}: line {pair.line}: the positive of a pretraining pair must be text only "
+                                f"(it is what the model learns to generate)")
     return pairs
 
 
@@ -457,7 +466,8 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
             if args.micro_batch and len(items) > args.micro_batch:
                 loss = gradcache(model, processor, triples, args, device)  # forward + backward, in micro-batches
             else:
-                loss = batch_loss(embed_items(model, processor, items, device), len(triples), args)  # forward
+                loss = batch_loss(embed_items(model, processor, items, device, args.max_text_tokens),
+                                  len(triples), args)  # forward
                 loss.backward()
         loss, items, triples = loss.detach(), None, None  # the number only: the graph would live into the next step
         run.optimizer_step(step, loss / distributed.world_size())  # average gradients, clip, AdamW step
@@ -497,12 +507,14 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
     """Everything that can fail before the first step, checked before anything is deleted:
     the model source, the data (every line and file), the output folder, what --resume continues.
     Returns (what --overwrite deletes, contrastive, pretraining and evaluation pairs)."""
+    stages = runs.stages_run(args)
     if args.model != "tiny":
         try:
             backbone.load_config(args.model)
-        except OSError as e:  # no such folder, a file, no config.json, the hub unreachable
+        except (OSError, ValueError) as e:  # no such folder, no config.json, the hub unreachable, not multimodal
             raise TrainingError(" ".join(str(e).split())) from None
-    stages = runs.stages_run(args)
+    elif "pretrain" not in stages and not (out / "base").is_dir():
+        raise TrainingError(f"{out / 'base'} does not exist: run `python train.py --stage pretrain` first")
     pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
     pretrain_pairs = None
     if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
@@ -518,11 +530,18 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
             f"a batch repeats pairs, and a repeated pair is its own false negative")
     if pairs is not None and args.multimodal_ratio:
         text, multimodal = split_by_modality(pairs)
-        if not text or not multimodal:
-            raise TrainingError(f"--multimodal-ratio {args.multimodal_ratio} mixes text and multimodal pairs, but "
-                                f"{args.data} has {len(text)} text-only and {len(multimodal)} multimodal pairs")
-    for flag in ("batch_size", "pretrain_batch"):
-        if getattr(args, flag) % distributed.world_size():
+        n_media = round(args.multimodal_ratio * args.batch_size)
+        if (n_media and not multimodal) or (args.batch_size - n_media and not text):
+            raise TrainingError(f"--multimodal-ratio {args.multimodal_ratio} draws {n_media} multimodal and "
+                                f"{args.batch_size - n_media} text pairs per batch, but {args.data} has "
+                                f"{len(multimodal)} multimodal and {len(text)} text-only pairs")
+    if eval_pairs is not None:
+        try:
+            evaluation.check_pairs(eval_pairs, args.hard_negatives, args.eval_data)
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
+    for flag, stage in (("batch_size", "contrastive"), ("pretrain_batch", "pretrain")):
+        if stage in stages and getattr(args, flag) % distributed.world_size():
             raise TrainingError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be divisible by the "
                                 f"{distributed.world_size()} processes (each takes an equal share of the batch)")
     replaced = runs.check_output_folder(args, out)
@@ -563,9 +582,7 @@ def main(argv=None) -> None:
     if "pretrain" in runs.stages_run(args):
         base = run_pretrain(args, device, out, pretrain_pairs)
     elif args.model == "tiny":
-        base = out / "base"
-        if not base.exists():
-            raise TrainingError(f"{base} does not exist: run `python train.py --stage pretrain` first")
+        base = out / "base"  # check_run made sure it exists
     if args.stage == "pretrain":
         say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
         return

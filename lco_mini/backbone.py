@@ -47,6 +47,8 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
 from lco_mini import media, pooling, sources
 
 # The paper's prompts, appended after the item inside the user turn.
@@ -73,12 +75,17 @@ ARCHITECTURES = {
 # ----------------------------------------------------------------------------- loading
 
 def load_config(name_or_path):
-    """(source, config) for a folder or hub id; a hub that cannot be reached is one line (OSError)."""
+    """(source, config) for a folder or hub id; a hub that cannot be reached is one line (OSError),
+    a model that is not multimodal (a text-only LLM) is a ValueError."""
     source = sources.model_source(name_or_path)
     try:
-        return source, AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     except OSError as e:  # transformers' "couldn't connect to the hub" / "not a valid model identifier"
         raise OSError(f"{name_or_path}: cannot load the model ({' '.join(str(e).split())})") from None
+    if config.model_type not in ARCHITECTURES and config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"{name_or_path}: a {config.model_type!r} model is not a multimodal (image-text-to-text) "
+                         f"model; lco_mini needs an MLLM such as Qwen2.5-Omni, Qwen2.5-VL or Qwen2-VL")
+    return source, config
 
 
 def _default_device_dtype(device, dtype):

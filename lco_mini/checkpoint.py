@@ -66,8 +66,9 @@ def load(path: str | Path, keys=KEYS) -> dict | None:
         reason = " ".join(str(e).split())[:200]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason}); "
                               f"delete it to restart that stage, or pass --overwrite") from None
-    if not isinstance(state, dict) or set(keys) - set(state):
-        raise CheckpointError(f"{path}: not the file expected here (it lacks the keys {', '.join(keys)})")
+    missing = sorted(set(keys) - set(state)) if isinstance(state, dict) else sorted(keys)
+    if missing:
+        raise CheckpointError(f"{path}: not the file expected here (it lacks the keys {', '.join(missing)})")
     return state
 
 

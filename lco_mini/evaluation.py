@@ -96,18 +96,30 @@ def _key(item: dict) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in item.items()))
 
 
+def _candidates(pairs: list, hard_negatives: bool) -> list[dict]:
+    """The distinct positives (and hard negatives) of a file, in first-seen order."""
+    candidates, seen = [], set()
+    for pair in pairs:
+        for item in [pair.positive] + ([pair.negative] if hard_negatives and pair.negative else []):
+            if _key(item) not in seen:
+                seen.add(_key(item))
+                candidates.append(item)
+    return candidates
+
+
+def check_pairs(pairs: list, hard_negatives: bool, path) -> None:
+    """Evaluation pairs need at least two candidates to rank (checked before any training)."""
+    if len(_candidates(pairs, hard_negatives)) < 2:
+        raise ValueError(f"{path}: fewer than 2 distinct positives (and hard negatives) to rank")
+
+
 def evaluate_pairs(embedder, pairs: list, hard_negatives: bool = True) -> dict[str, dict[str, float]]:
     """Retrieval on the user's own held-out pairs (data.read_jsonl): each anchor looks for its
     positive among every distinct positive of the file, plus the hard negatives when present.
     One row per anchor kind -> positive kind: R@1/5/10, MRR, n and candidates."""
-    candidates, index = [], {}
-    for pair in pairs:
-        for item in [pair.positive] + ([pair.negative] if hard_negatives and pair.negative else []):
-            if _key(item) not in index:
-                index[_key(item)] = len(candidates)
-                candidates.append(item)
-    if len(candidates) < 2:
-        raise ValueError("evaluation data: need at least 2 distinct positives to rank")
+    check_pairs(pairs, hard_negatives, "evaluation data")
+    candidates = _candidates(pairs, hard_negatives)
+    index = {_key(item): i for i, item in enumerate(candidates)}
     candidate_vectors = embedder.embed(candidates)
     groups = {}
     for pair in pairs:

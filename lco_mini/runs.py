@@ -78,6 +78,8 @@ def check_device(p: Parser, device: str | None) -> None:
         p.error(f"argument --device: {device!r} is not a device (cpu, cuda, cuda:1 ...)")
     if chosen.type == "cuda" and not torch.cuda.is_available():
         p.error(f"argument --device: {device}: no CUDA GPU is available here (use --device cpu)")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        p.error(f"argument --device: {device}: there are {torch.cuda.device_count()} GPUs here")
 
 
 # ----------------------------------------------------------------------------- the output folder
@@ -96,7 +98,7 @@ def inputs_of(args, out: Path) -> dict[Path, str]:
         inputs[Path(args.model).expanduser()] = "the --model folder"
     elif args.model == "tiny" and "pretrain" not in stages_run(args):
         inputs[out / "base"] = "the pretrained base model"
-    for flag, path in (("--data", args.data), ("--pretrain-data", args.pretrain_data)):
+    for flag, path in (("--data", args.data), ("--pretrain-data", args.pretrain_data), ("--eval-data", args.eval_data)):
         if path:
             inputs[Path(path).expanduser()] = f"the {flag} file"
     return inputs

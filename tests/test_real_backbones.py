@@ -119,7 +119,7 @@ def test_multimodal_ratio_mixes_the_jsonl_pairs(datasets, tmp_path, omni_dir):
     plain = train.contrastive_source(train.get_args(["--model", "m", "--batch-size", "4"]), pairs, processor=None)
     assert sum("image" in a for step in range(9) for a, _, _ in plain(step)) == 4  # 36 draws = 4 epochs of 9
     text_only = write_jsonl(tmp_path / "t.jsonl", [json.loads(line) for line in datasets[0].read_text().splitlines()[:8]])
-    with pytest.raises(train.TrainingError, match="8 text-only and 0 multimodal pairs"):
+    with pytest.raises(train.TrainingError, match="has 0 multimodal and 8 text-only pairs"):
         args = train.get_args(["--model", str(omni_dir), "--data", str(text_only), "--multimodal-ratio", "0.2",
                                "--stage", "contrastive", "--out", str(tmp_path / "o")])
         train.check_run(args, tmp_path / "o")
@@ -131,6 +131,9 @@ def test_a_batch_must_divide_among_the_processes(monkeypatch, omni_dir, tmp_path
                            "--out", str(tmp_path / "o")])
     with pytest.raises(train.TrainingError, match="--batch-size 8 must be divisible by the 3 processes"):
         train.check_run(args, tmp_path / "o")
+    fits = train.get_args(["--model", str(omni_dir), "--stage", "contrastive", "--batch-size", "9",
+                           "--out", str(tmp_path / "o")])
+    train.check_run(fits, tmp_path / "o")  # --pretrain-batch 32 does not matter to a contrastive-only run
 
 
 def test_gradcache_with_dropout_replays_the_masks(tmp_path):

@@ -179,3 +179,54 @@ def test_stage_by_stage_run_is_allowed_but_never_overwrites(tmp_path):
     again = train.get_args(["--stage", "contrastive", "--out", str(out), "--overwrite"])
     assert runs.check_output_folder(again, out) == [out / "merged"]  # what would be deleted, once all is checked
     assert (out / "base").exists() and (out / "merged").exists()
+
+
+def test_checks_that_must_come_before_anything_is_deleted(copy_of, tmp_path, capsys):
+    """Each of these used to fail only after --overwrite had deleted the old run, or mid-training."""
+    from transformers import Qwen2Config
+
+    out = copy_of()
+    before = digest(out)
+    text_only = tmp_path / "qwen2"
+    Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1).save_pretrained(text_only)
+    refused_here(capsys, ["--model", text_only, "--out", out, "--overwrite", "--stage", "contrastive"],
+                 "'qwen2' model is not a multimodal")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(PAIR) + "\n")
+    refused_here(capsys, [*SMOKE, "--out", out, "--overwrite", "--stage", "contrastive", "--eval-data", one,
+                          "--no-hard-negatives"], "fewer than 2 distinct positives")
+    (out / "merged" / "held.jsonl").write_text(json.dumps(PAIR) + "\n" + json.dumps(PAIR) + "\n")
+    refused_here(capsys, [*SMOKE, "--out", out, "--overwrite", "--stage", "contrastive",
+                          "--eval-data", out / "merged" / "held.jsonl"], "the --eval-data file")
+    (out / "merged" / "held.jsonl").unlink()
+    shutil.rmtree(out / "base")
+    before = {k: v for k, v in before.items() if not k.startswith("base")}
+    refused_here(capsys, [*SMOKE, "--out", out, "--overwrite", "--stage", "contrastive"], "base does not exist")
+    assert digest(out) == before  # merged/ and adapter/ survived
+    refused_here(capsys, ["--seed", "-1", "--out", tmp_path / "s"], "--seed")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"anchor": {"text": "a"}, "positive": {"text": "b"}}) + "\n"
+                    + json.dumps({"anchor": {"text": "a"}, "positive": {"image_path": "none.png"}}) + "\n")
+    (tmp_path / "none.png").write_bytes((ROOT / "docs" / "analysis" / "anisotropy.png").read_bytes())
+    refused_here(capsys, ["--model", run_dir_of(out), "--pretrain-data", docs, "--stage", "pretrain",
+                          "--out", tmp_path / "p"], "line 2: the positive of a pretraining pair must be text only")
+
+
+def run_dir_of(copied: Path) -> Path:
+    """A model folder to pass as --model: the copied run's merged model."""
+    return copied / "merged"
+
+
+def test_resume_after_pretraining_draws_what_an_uninterrupted_run_draws(run_dir, copy_of):
+    """Killed during CL, a --resume run restores the RNG of the end of pretraining: the same LoRA init."""
+    out = copy_of()
+    for name in ("adapter", "merged", "contrastive.ckpt.pt"):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "2", "--steps", "2", "--no-eval",
+                        "--ckpt-every", "1", "--resume"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.torch import load_file
+    again, first = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, run_dir))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
