@@ -139,18 +139,11 @@ def check_out(out: str | None) -> None:
 
 
 def check_device(device: str | None) -> None:
-    import torch
+    from lco_mini.runs import device_problem  # imports torch: only once the inputs are known good
 
-    if device is None:
-        return
-    try:
-        chosen = torch.device(device)
-    except RuntimeError:
-        fail(f"--device {device!r}: not a device (cpu, cuda, cuda:1 ...)")
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        fail(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
-    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        fail(f"--device {device}: there are {torch.cuda.device_count()} GPUs here")
+    problem = device_problem(device)
+    if problem:
+        fail(f"--device {problem}")
 
 
 def check_model_takes(embedder, decoded, model: str) -> None:

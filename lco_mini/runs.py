@@ -69,17 +69,25 @@ def number(kind=int, low=None, above=None, high=None, below=None):
     return parse
 
 
-def check_device(p: Parser, device: str | None) -> None:
+def device_problem(device: str | None) -> str | None:
+    """What is wrong with a --device value (train.py and embed.py), or None when it can be used."""
     if device is None:
-        return
+        return None
     try:
         chosen = torch.device(device)
     except RuntimeError:
-        p.error(f"argument --device: {device!r} is not a device (cpu, cuda, cuda:1 ...)")
+        return f"{device!r} is not a device (cpu, cuda, cuda:1 ...)"
     if chosen.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"argument --device: {device}: no CUDA GPU is available here (use --device cpu)")
+        return f"{device}: no CUDA GPU is available here (use --device cpu)"
     if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
-        p.error(f"argument --device: {device}: there are {torch.cuda.device_count()} GPUs here")
+        return f"{device}: there are {torch.cuda.device_count()} GPUs here"
+    return None
+
+
+def check_device(p: Parser, device: str | None) -> None:
+    problem = device_problem(device)
+    if problem:
+        p.error(f"argument --device: {problem}")
 
 
 # ----------------------------------------------------------------------------- the output folder
