@@ -34,9 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import functools
 import json
-import math
 import random
 import shutil
 import sys
@@ -48,7 +46,9 @@ import torch
 import transformers
 
 from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
+from lco_mini.distributed import say
 from lco_mini.infonce import infonce
+from lco_mini.loop import Run, TrainingError
 from lco_mini.tasks import MEDIA_KEY, PRETRAIN_MIX, WORLD_MEDIA, parse_mix, world_caption_examples, world_pair_examples
 
 
@@ -162,21 +162,6 @@ def batch_seed(args, stage: str, step: int) -> int:
     return (args.seed * 1_000_003 + {"pretrain": 1, "contrastive": 2}[stage]) * 1_000_003 + step
 
 
-def jsonl_examples(pairs: list, n: int, step: int, seed: int) -> list:
-    """The n pairs of a step: the step-th slice of a stream of epochs, each a fresh permutation of
-    the dataset, so an epoch visits every pair once (and a batch holds a pair twice only when it
-    spans two epochs). A pure function of (seed, step): a resumed run draws the same pairs."""
-    return [pairs[_epoch_order(len(pairs), seed, i // len(pairs))[i % len(pairs)]]
-            for i in range(step * n, (step + 1) * n)]
-
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(size))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
 def local_slice(examples: list) -> list:
     """This process's share of the global batch."""
     return examples[distributed.rank()::distributed.world_size()]
@@ -241,84 +226,6 @@ def gradcache(model, processor, triples, args, device) -> torch.Tensor:
     return loss.detach()
 
 
-# ----------------------------------------------------------------------------- the loop's parts
-
-class TrainingError(RuntimeError):
-    """Stops a run with a message (bad loss, bad data); the last good checkpoint is kept."""
-
-
-def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-class Run:
-    """The bookkeeping around a stage's loop: AdamW on the trainable weights, the lr schedule,
-    gradient averaging and clipping, resume, log lines and atomic checkpoints. What a step
-    computes stays in the loop itself (run_pretrain, run_contrastive)."""
-
-    def __init__(self, name: str, model, args, ckpt_path: Path, steps: int, peak_lr: float, warmup: int,
-                 items_per_step: int, unit: str, log_extra: str = ""):
-        self.name, self.model, self.args, self.ckpt_path = name, model, args, ckpt_path
-        self.steps, self.peak_lr, self.warmup = steps, peak_lr, warmup
-        self.items_per_step, self.unit, self.log_extra = items_per_step, unit, log_extra
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, weight_decay=args.weight_decay)
-        self.start, self.losses = 0, []
-
-    def resume(self) -> range:
-        """The steps left to run: all of them, or (with --resume) those after the checkpoint."""
-        state = checkpoint.load(self.ckpt_path) if self.args.resume else None
-        if state is not None:
-            checkpoint.load_trainable(self.model, state, self.ckpt_path)
-            try:
-                self.optimizer.load_state_dict(state["optimizer"])
-            except (ValueError, KeyError) as e:
-                raise checkpoint.CheckpointError(f"{self.ckpt_path}: its optimizer state does not fit ({e})") from None
-            checkpoint.set_rng_state(state["rng"])
-            self.start, self.losses = state["step"], state["losses"]
-            say(f"{self.name}: resumed from {self.ckpt_path} at step {self.start}")
-        self.t0 = time.time()
-        return range(self.start, self.steps)
-
-    def set_lr(self, step: int) -> float:
-        lr = get_lr(step, self.peak_lr, self.warmup, self.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def optimizer_step(self, step: int, loss: torch.Tensor) -> None:
-        """After backward: stop on a non-finite loss, average gradients over processes, clip, step."""
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. "
-                                f"The last good checkpoint is kept in {self.ckpt_path} (try a lower --lr)")
-        distributed.average_gradients(self.params)
-        if self.args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(loss.item())
-
-    def log_and_checkpoint(self, step: int, lr: float) -> None:
-        last_step = step == self.steps - 1
-        if step % self.args.log_every == 0 or last_step:
-            rate = (step + 1 - self.start) * self.items_per_step / max(1e-9, time.time() - self.t0)
-            say(f"{self.name} step {step:5d} | loss {self.losses[-1]:.4f} | lr {lr:.2e} | "
-                f"{rate:6.1f} {self.unit}/s{self.log_extra}")
-        if ((step + 1) % self.args.ckpt_every == 0 or last_step) and distributed.is_main():
-            checkpoint.save({"model": checkpoint.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
-                             "rng": checkpoint.rng_state(), "step": step + 1, "losses": self.losses,
-                             "config": vars(self.args), "stage": self.name}, self.ckpt_path)
-
-
-def say(message: str) -> None:
-    if distributed.is_main():
-        print(message, flush=True)
-
-
 def autocast(device):
     """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -367,7 +274,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         lora.add_lora(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         distributed.broadcast_from_main([p for p in model.parameters() if p.requires_grad])
         source = lambda step: [(p.anchor, p.positive["text"]) for p in
-                               jsonl_examples(pairs, args.pretrain_batch, step, batch_seed(args, "pretrain", 0))]
+                               data.jsonl_examples(pairs, args.pretrain_batch, step, batch_seed(args, "pretrain", 0))]
 
     run = Run("pretrain", model, args, out / "pretrain.ckpt.pt", args.pretrain_steps, args.pretrain_lr,
               args.pretrain_warmup, items_per_step=args.pretrain_batch, unit="seqs")
@@ -391,25 +298,6 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     return base
 
 
-def read_pairs(path: str, args, name: str) -> list:
-    """A jsonl dataset, every line and file checked now (before any output is touched)."""
-    pairs, bad = data.read_jsonl(path, skip_bad=args.skip_bad)
-    say(f"{name}: {len(pairs)} pairs from {path}" + (f", {bad} bad lines skipped" if bad else ""))
-    if name == "contrastive" and args.hard_negatives and any(p.negative is None for p in pairs):
-        raise TrainingError(f"{path}: some lines have no 'negative'; pass --no-hard-negatives to train without")
-    for pair in pairs if name == "pretrain" else []:  # the positive is the text to generate
-        if set(pair.positive) != {"text"}:
-            raise TrainingError(f"{path}: line {pair.line}: the positive of a pretraining pair must be text only "
-                                f"(it is what the model learns to generate)")
-    return pairs
-
-
-def check_backbone_takes(pairs: list, path: str, args) -> None:
-    """The data's modalities against the backbone's processor (see data.check_processor_takes)."""
-    if args.model != "tiny" and not all(data.is_text_only(p) for p in pairs):  # tiny: an omni model
-        data.check_processor_takes(pairs, backbone.load_processor(backbone.load_config(args.model)[0]), path)
-
-
 def cut_long_texts(pairs: list | None, processor, args, name: str) -> None:
     """Cut the dataset's texts once (build_inputs would at every step), and never silently."""
     cut = data.cut_texts(pairs or [], processor.tokenizer, args.max_text_tokens)
@@ -428,16 +316,11 @@ def contrastive_source(args, pairs: list | None, processor):
                                                 args.multimodal_ratio, media)
     triples = lambda chosen: [(p.anchor, p.positive, p.negative) for p in chosen]
     if not args.multimodal_ratio:
-        return lambda step: triples(jsonl_examples(pairs, args.batch_size, step, seed))
-    text, multimodal = split_by_modality(pairs)
+        return lambda step: triples(data.jsonl_examples(pairs, args.batch_size, step, seed))
+    text, multimodal = data.split_by_modality(pairs)
     n_media = round(args.multimodal_ratio * args.batch_size)
-    return lambda step: triples(jsonl_examples(text, args.batch_size - n_media, step, seed)
-                                + jsonl_examples(multimodal, n_media, step, seed + 1))
-
-
-def split_by_modality(pairs: list) -> tuple[list, list]:
-    """(text-only pairs, pairs with an image, audio or video somewhere)."""
-    return [p for p in pairs if data.is_text_only(p)], [p for p in pairs if not data.is_text_only(p)]
+    return lambda step: triples(data.jsonl_examples(text, args.batch_size - n_media, step, seed)
+                                + data.jsonl_examples(multimodal, n_media, step, seed + 1))
 
 
 def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, name: str = "contrastive"):
@@ -503,61 +386,6 @@ def evaluate_models(args, device, out: Path, runs: dict, eval_pairs: list | None
 
 # ----------------------------------------------------------------------------- main
 
-def check_run(args, out: Path) -> tuple[list, list | None, list | None]:
-    """Everything that can fail before the first step, checked before anything is deleted:
-    the model source, the data (every line and file), the output folder, what --resume continues.
-    Returns (what --overwrite deletes, contrastive, pretraining and evaluation pairs)."""
-    stages = runs.stages_run(args)
-    if args.model != "tiny":
-        try:
-            backbone.load_config(args.model)
-        except (OSError, ValueError) as e:  # no such folder, no config.json, the hub unreachable, not multimodal
-            raise TrainingError(" ".join(str(e).split())) from None
-    elif "pretrain" not in stages and not (out / "base").is_dir():
-        raise TrainingError(f"{out / 'base'} does not exist: run `python train.py --stage pretrain` first")
-    pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
-    pretrain_pairs = None
-    if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
-        pretrain_pairs = read_pairs(args.pretrain_data, args, "pretrain")
-    eval_pairs = read_pairs(args.eval_data, args, "evaluation") if args.eval_data and not args.no_eval else None
-    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data), (eval_pairs, args.eval_data)):
-        if dataset:
-            check_backbone_takes(dataset, path, args)
-    if pretrain_pairs is not None:
-        check_pretrain_steps(args, pretrain_pairs)
-    if pairs is not None and len(pairs) < args.batch_size:
-        say(f"warning: {args.data} has {len(pairs)} pairs, fewer than one batch of {args.batch_size}: "
-            f"a batch repeats pairs, and a repeated pair is its own false negative")
-    if pairs is not None and args.multimodal_ratio:
-        text, multimodal = split_by_modality(pairs)
-        n_media = round(args.multimodal_ratio * args.batch_size)
-        if (n_media and not multimodal) or (args.batch_size - n_media and not text):
-            raise TrainingError(f"--multimodal-ratio {args.multimodal_ratio} draws {n_media} multimodal and "
-                                f"{args.batch_size - n_media} text pairs per batch, but {args.data} has "
-                                f"{len(multimodal)} multimodal and {len(text)} text-only pairs")
-    if eval_pairs is not None:
-        try:
-            evaluation.check_pairs(eval_pairs, args.hard_negatives, args.eval_data)
-        except ValueError as e:
-            raise TrainingError(str(e)) from None
-    for flag, stage in (("batch_size", "contrastive"), ("pretrain_batch", "pretrain")):
-        if stage in stages and getattr(args, flag) % distributed.world_size():
-            raise TrainingError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be divisible by the "
-                                f"{distributed.world_size()} processes (each takes an equal share of the batch)")
-    replaced = runs.check_output_folder(args, out)
-    if args.resume:
-        say(runs.resume_plan(args, out))
-    return replaced, pairs, pretrain_pairs, eval_pairs
-
-
-def check_pretrain_steps(args, pairs: list) -> None:
-    """Continual pretraining of a real backbone: one epoch of --pretrain-data unless told otherwise."""
-    if args.pretrain_steps is None:
-        epoch = math.ceil(len(pairs) / args.pretrain_batch)
-        args.pretrain_steps = epoch
-        say(f"pretrain: {epoch} steps = one epoch of {len(pairs)} examples at --pretrain-batch {args.pretrain_batch}")
-
-
 def main(argv=None) -> None:
     args = get_args(argv)
     transformers.utils.logging.disable_progress_bar()  # our own log lines say what is happening
@@ -567,7 +395,7 @@ def main(argv=None) -> None:
     random.seed(args.seed)
     np.random.seed(args.seed)
     out = Path(args.out)
-    replaced, pairs, pretrain_pairs, eval_pairs = check_run(args, out)
+    replaced, pairs, pretrain_pairs, eval_pairs = runs.check_run(args, out)
     if replaced and distributed.is_main():
         say(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
         runs.delete(replaced)

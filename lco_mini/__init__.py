@@ -14,8 +14,11 @@ Modules (one idea per file):
   world          the synthetic omnimodal world the tiny model learns from
   render         how that world looks and sounds: pixels, frames, waveforms
   tasks          the tiny model's training batches drawn from the world
-  data           the any2any jsonl dataset
+  data           the any2any jsonl dataset, and batches drawn from it epoch by epoch
   checkpoint     crash-safe checkpoints (atomic writes, RNG state)
+  loop           the bookkeeping around train.py's loops: AdamW, lr schedule, clip, log, checkpoint, resume
+  runs           whether a run may start: options, model, data, output folder, --resume
+  sources        what a --model string names: a folder or a hub id
   distributed    torchrun / DDP and cross-device negatives
   analysis       retrieval metrics
   evaluation     held-out retrieval on the synthetic world

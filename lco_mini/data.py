@@ -15,10 +15,15 @@ Why validate everything before training starts: a typo on line 90,000 should not
 crash a run after an hour, and "KeyError: 'text'" says nothing about where the
 problem is. Every problem is reported with its line number and the offending path;
 `skip_bad=True` skips such lines instead and counts them.
+
+Drawing batches from a dataset (jsonl_examples) is here too: epoch-wise permutations, each
+batch a pure function of (seed, step), so a resumed run draws what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import functools
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -176,3 +181,25 @@ def cut_texts(pairs: list[Pair], tokenizer, max_tokens: int) -> int:
 def is_text_only(pair: Pair) -> bool:
     sides = [pair.anchor, pair.positive] + ([pair.negative] if pair.negative else [])
     return all(set(side) == {"text"} for side in sides)
+
+
+# ----------------------------------------------------------------------------- drawing batches
+
+def split_by_modality(pairs: list) -> tuple[list, list]:
+    """(text-only pairs, pairs with an image, audio or video somewhere)."""
+    return [p for p in pairs if is_text_only(p)], [p for p in pairs if not is_text_only(p)]
+
+
+def jsonl_examples(pairs: list, n: int, step: int, seed: int) -> list:
+    """The n pairs of a step: the step-th slice of a stream of epochs, each a fresh permutation of
+    the dataset, so an epoch visits every pair once (and a batch holds a pair twice only when it
+    spans two epochs). A pure function of (seed, step): a resumed run draws the same pairs."""
+    return [pairs[_epoch_order(len(pairs), seed, i // len(pairs))[i % len(pairs)]]
+            for i in range(step * n, (step + 1) * n)]
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(size: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(size))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order

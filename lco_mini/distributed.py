@@ -48,6 +48,12 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def say(message: str) -> None:
+    """Print on the main process only (every process runs the same script)."""
+    if is_main():
+        print(message, flush=True)
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -1,4 +1,5 @@
-"""The output folder of a training run: what a run reads and writes there, and what --resume continues.
+"""Whether a training run may start: its options, its model and data, its output folder, and
+what --resume continues. check_run does it all before train.py deletes or writes anything.
 
 Three rules keep a user's work safe, all checked before anything is deleted or written:
   1. a run never deletes, replaces or writes into one of its inputs (the --model folder, the data
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lco_mini import checkpoint
+from lco_mini import backbone, checkpoint, data, distributed, evaluation
+from lco_mini.distributed import say
 
 # What each stage writes into --out (run_config.json, written by every run, is not a result).
 STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
@@ -178,3 +180,79 @@ def resume_plan(args, out: Path) -> str:
         raise RunError(f"--resume: nothing to resume in {out} (no checkpoint of this run's stages); "
                        f"run without --resume to start")
     return "resume: " + "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- before the first step
+
+def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | None]:
+    """Everything that can fail before the first step, checked before anything is deleted:
+    the model source, the data (every line and file), the output folder, what --resume continues.
+    Returns (what --overwrite deletes, contrastive, pretraining and evaluation pairs)."""
+    stages = stages_run(args)
+    if args.model != "tiny":
+        try:
+            backbone.load_config(args.model)
+        except (OSError, ValueError) as e:  # no such folder, no config.json, the hub unreachable, not multimodal
+            raise RunError(" ".join(str(e).split())) from None
+    elif "pretrain" not in stages and not (out / "base").is_dir():
+        raise RunError(f"{out / 'base'} does not exist: run `python train.py --stage pretrain` first")
+    pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
+    pretrain_pairs = None
+    if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
+        pretrain_pairs = read_pairs(args.pretrain_data, args, "pretrain")
+    eval_pairs = read_pairs(args.eval_data, args, "evaluation") if args.eval_data and not args.no_eval else None
+    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data), (eval_pairs, args.eval_data)):
+        if dataset:
+            check_backbone_takes(dataset, path, args)
+    if pretrain_pairs is not None:
+        check_pretrain_steps(args, pretrain_pairs)
+    if pairs is not None and len(pairs) < args.batch_size:
+        say(f"warning: {args.data} has {len(pairs)} pairs, fewer than one batch of {args.batch_size}: "
+            f"a batch repeats pairs, and a repeated pair is its own false negative")
+    if pairs is not None and args.multimodal_ratio:
+        text, multimodal = data.split_by_modality(pairs)
+        n_media = round(args.multimodal_ratio * args.batch_size)
+        if (n_media and not multimodal) or (args.batch_size - n_media and not text):
+            raise RunError(f"--multimodal-ratio {args.multimodal_ratio} draws {n_media} multimodal and "
+                                f"{args.batch_size - n_media} text pairs per batch, but {args.data} has "
+                                f"{len(multimodal)} multimodal and {len(text)} text-only pairs")
+    if eval_pairs is not None:
+        try:
+            evaluation.check_pairs(eval_pairs, args.hard_negatives, args.eval_data)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+    for flag, stage in (("batch_size", "contrastive"), ("pretrain_batch", "pretrain")):
+        if stage in stages and getattr(args, flag) % distributed.world_size():
+            raise RunError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be divisible by the "
+                                f"{distributed.world_size()} processes (each takes an equal share of the batch)")
+    replaced = check_output_folder(args, out)
+    if args.resume:
+        say(resume_plan(args, out))
+    return replaced, pairs, pretrain_pairs, eval_pairs
+
+
+def check_pretrain_steps(args, pairs: list) -> None:
+    """Continual pretraining of a real backbone: one epoch of --pretrain-data unless told otherwise."""
+    if args.pretrain_steps is None:
+        epoch = math.ceil(len(pairs) / args.pretrain_batch)
+        args.pretrain_steps = epoch
+        say(f"pretrain: {epoch} steps = one epoch of {len(pairs)} examples at --pretrain-batch {args.pretrain_batch}")
+
+
+def read_pairs(path: str, args, name: str) -> list:
+    """A jsonl dataset, every line and file checked now (before any output is touched)."""
+    pairs, bad = data.read_jsonl(path, skip_bad=args.skip_bad)
+    say(f"{name}: {len(pairs)} pairs from {path}" + (f", {bad} bad lines skipped" if bad else ""))
+    if name == "contrastive" and args.hard_negatives and any(p.negative is None for p in pairs):
+        raise RunError(f"{path}: some lines have no 'negative'; pass --no-hard-negatives to train without")
+    for pair in pairs if name == "pretrain" else []:  # the positive is the text to generate
+        if set(pair.positive) != {"text"}:
+            raise RunError(f"{path}: line {pair.line}: the positive of a pretraining pair must be text only "
+                                f"(it is what the model learns to generate)")
+    return pairs
+
+
+def check_backbone_takes(pairs: list, path: str, args) -> None:
+    """The data's modalities against the backbone's processor (see data.check_processor_takes)."""
+    if args.model != "tiny" and not all(data.is_text_only(p) for p in pairs):  # tiny: an omni model
+        data.check_processor_takes(pairs, backbone.load_processor(backbone.load_config(args.model)[0]), path)

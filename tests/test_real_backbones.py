@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import embed  # noqa: E402
 import train  # noqa: E402
-from lco_mini import backbone, data, distributed, evaluation, lora, tasks, tiny  # noqa: E402
+from lco_mini import backbone, data, distributed, evaluation, lora, runs, tasks, tiny  # noqa: E402
 
 TEXTS = ["a red circle", "a blue square", "a green triangle", "the dog barks twice", "two small yellow stars",
          "a low tone", "a high tone", "a moving dot"]
@@ -100,12 +100,12 @@ def test_audio_for_a_vl_backbone_is_a_clear_error(qwen2_vl_dir, tmp_path, capsys
 
 def test_an_epoch_visits_every_pair_once():
     pairs = list(range(12))
-    first = [p for step in range(4) for p in train.jsonl_examples(pairs, 3, step, seed=7)]
-    second = [p for step in range(4, 8) for p in train.jsonl_examples(pairs, 3, step, seed=7)]
+    first = [p for step in range(4) for p in data.jsonl_examples(pairs, 3, step, seed=7)]
+    second = [p for step in range(4, 8) for p in data.jsonl_examples(pairs, 3, step, seed=7)]
     assert sorted(first) == pairs and sorted(second) == pairs and first != second  # a new order each epoch
-    assert train.jsonl_examples(pairs, 3, 5, seed=7) == train.jsonl_examples(pairs, 3, 5, seed=7)  # resumable
-    assert sorted(train.jsonl_examples(pairs, 5, 0, seed=1) + train.jsonl_examples(pairs, 5, 1, seed=1)
-                  + train.jsonl_examples(pairs, 2, 5, seed=1)) == pairs
+    assert data.jsonl_examples(pairs, 3, 5, seed=7) == data.jsonl_examples(pairs, 3, 5, seed=7)  # resumable
+    assert sorted(data.jsonl_examples(pairs, 5, 0, seed=1) + data.jsonl_examples(pairs, 5, 1, seed=1)
+                  + data.jsonl_examples(pairs, 2, 5, seed=1)) == pairs
 
 
 def test_multimodal_ratio_mixes_the_jsonl_pairs(datasets, tmp_path, omni_dir):
@@ -119,21 +119,21 @@ def test_multimodal_ratio_mixes_the_jsonl_pairs(datasets, tmp_path, omni_dir):
     plain = train.contrastive_source(train.get_args(["--model", "m", "--batch-size", "4"]), pairs, processor=None)
     assert sum("image" in a for step in range(9) for a, _, _ in plain(step)) == 4  # 36 draws = 4 epochs of 9
     text_only = write_jsonl(tmp_path / "t.jsonl", [json.loads(line) for line in datasets[0].read_text().splitlines()[:8]])
-    with pytest.raises(train.TrainingError, match="has 0 multimodal and 8 text-only pairs"):
+    with pytest.raises(runs.RunError, match="has 0 multimodal and 8 text-only pairs"):
         args = train.get_args(["--model", str(omni_dir), "--data", str(text_only), "--multimodal-ratio", "0.2",
                                "--stage", "contrastive", "--out", str(tmp_path / "o")])
-        train.check_run(args, tmp_path / "o")
+        runs.check_run(args, tmp_path / "o")
 
 
 def test_a_batch_must_divide_among_the_processes(monkeypatch, omni_dir, tmp_path):
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     args = train.get_args(["--model", str(omni_dir), "--stage", "contrastive", "--batch-size", "8",
                            "--out", str(tmp_path / "o")])
-    with pytest.raises(train.TrainingError, match="--batch-size 8 must be divisible by the 3 processes"):
-        train.check_run(args, tmp_path / "o")
+    with pytest.raises(runs.RunError, match="--batch-size 8 must be divisible by the 3 processes"):
+        runs.check_run(args, tmp_path / "o")
     fits = train.get_args(["--model", str(omni_dir), "--stage", "contrastive", "--batch-size", "9",
                            "--out", str(tmp_path / "o")])
-    train.check_run(fits, tmp_path / "o")  # --pretrain-batch 32 does not matter to a contrastive-only run
+    runs.check_run(fits, tmp_path / "o")  # --pretrain-batch 32 does not matter to a contrastive-only run
 
 
 def test_gradcache_with_dropout_replays_the_masks(tmp_path):

@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, evaluation, lora, tasks, tiny  # noqa: E402
+from lco_mini import backbone, evaluation, lora, loop, tasks, tiny  # noqa: E402
 
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
@@ -201,7 +201,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [train.get_lr(s, 1.0, 10, 100) for s in range(100)]
+    lrs = [loop.get_lr(s, 1.0, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
