@@ -188,10 +188,10 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | N
     """Everything that can fail before the first step, checked before anything is deleted:
     the model source, the data (every line and file), the output folder, what --resume continues.
     Returns (what --overwrite deletes, contrastive, pretraining and evaluation pairs)."""
-    stages = stages_run(args)
+    stages, source = stages_run(args), None
     if args.model != "tiny":
         try:
-            backbone.load_config(args.model)
+            source = backbone.load_config(args.model)[0]
         except (OSError, ValueError) as e:  # no such folder, no config.json, the hub unreachable, not multimodal
             raise RunError(" ".join(str(e).split())) from None
     elif "pretrain" not in stages and not (out / "base").is_dir():
@@ -201,9 +201,13 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | N
     if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
         pretrain_pairs = read_pairs(args.pretrain_data, args, "pretrain")
     eval_pairs = read_pairs(args.eval_data, args, "evaluation") if args.eval_data and not args.no_eval else None
-    for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data), (eval_pairs, args.eval_data)):
-        if dataset:
-            check_backbone_takes(dataset, path, args)
+    with_media = [(dataset, path) for dataset, path in ((pairs, args.data), (pretrain_pairs, args.pretrain_data),
+                                                         (eval_pairs, args.eval_data))
+                  if dataset and not all(data.is_text_only(p) for p in dataset)]
+    if source is not None and with_media:  # the tiny model is an omni model: it takes every kind
+        processor = backbone.load_processor(source)  # once, for every dataset
+        for dataset, path in with_media:
+            data.check_processor_takes(dataset, processor, path)
     if pretrain_pairs is not None:
         check_pretrain_steps(args, pretrain_pairs)
     if pairs is not None and len(pairs) < args.batch_size:
@@ -250,9 +254,3 @@ def read_pairs(path: str, args, name: str) -> list:
             raise RunError(f"{path}: line {pair.line}: the positive of a pretraining pair must be text only "
                                 f"(it is what the model learns to generate)")
     return pairs
-
-
-def check_backbone_takes(pairs: list, path: str, args) -> None:
-    """The data's modalities against the backbone's processor (see data.check_processor_takes)."""
-    if args.model != "tiny" and not all(data.is_text_only(p) for p in pairs):  # tiny: an omni model
-        data.check_processor_takes(pairs, backbone.load_processor(backbone.load_config(args.model)[0]), path)
