@@ -38,6 +38,7 @@ import json
 import random
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 import transformers
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, runs, tiny
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, lora, media, precision, runs, tiny
 from lco_mini.distributed import say
 from lco_mini.infonce import infonce
 from lco_mini.loop import Run, TrainingError
@@ -62,13 +63,14 @@ TINY_RECIPE = dict(
     steps=45,             # contrastive steps: enough for the paper's effect on three seeds (30 were too few)
     lr=1e-3,              # contrastive peak lr of the tiny model (the paper's 4e-4 is for 3B-7B models)
     lora_r=16, lora_alpha=32,  # alpha / r = 2, as in the paper
+    lora_dropout=0.0,     # drawing dropout masks took ~40% of a CPU contrastive step; 45 steps do not overfit
 )
 REAL_RECIPE = dict(
     pretrain_steps=None,  # continual pretraining: one epoch of --pretrain-data (counted once it is read)
     pretrain_lr=1e-4,     # continual pretraining with LoRA: lower than from scratch
     steps=1000,           # contrastive steps at the paper's batch size
     lr=4e-4,              # the paper's contrastive lr
-    lora_r=64, lora_alpha=128,  # the paper's LoRA
+    lora_r=64, lora_alpha=128, lora_dropout=0.05,  # the paper's LoRA
 )
 
 
@@ -89,6 +91,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=runs.number(low=0, high=2**32 - 1025), default=0,
                    help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--precision", choices=precision.CHOICES, default=precision.DEFAULT,
+                   help="auto (default; env LCO_MINI_PRECISION): bf16 autocast with fp32 weights on CUDA and on "
+                        "CPUs with native bf16 (AVX512-BF16, AMX), else fp32; fp32: exact everywhere")
     # generative stage
     p.add_argument("--pretrain-steps", type=runs.number(low=1),
                    help="generative steps (default: %(default)s; None = one epoch of --pretrain-data)")
@@ -122,7 +127,7 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad-clip", type=runs.number(float, low=0), default=1.0, help="clip the global gradient norm (0 = off)")
     p.add_argument("--lora-r", type=runs.number(low=1), help="LoRA rank (default: %(default)s)")
     p.add_argument("--lora-alpha", type=runs.number(float, above=0), help="LoRA alpha (default: %(default)s)")
-    p.add_argument("--lora-dropout", type=runs.number(float, low=0, below=1), default=0.05, help="LoRA dropout")
+    p.add_argument("--lora-dropout", type=runs.number(float, low=0, below=1), help="LoRA dropout (default: %(default)s)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) bad jsonl lines instead of stopping")
     # evaluation, logging, checkpoints
     p.add_argument("--eval-n", type=runs.number(low=1), default=300, help="held-out queries per retrieval task (300: a standard error of ~2 points at R@1 = 10%%)")
@@ -131,6 +136,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="your own held-out pairs (jsonl): also evaluate anchor -> positive retrieval on them")
     p.add_argument("--no-control", action="store_true", help="skip the random-init control run (tiny only)")
     p.add_argument("--log-every", type=runs.number(low=1), default=25, help="print a log line every N steps")
+    p.add_argument("--profile-steps", type=runs.number(low=2), default=0, metavar="N",
+                   help="only time N steps of each stage, in a scratch folder deleted after (--out is not "
+                        "touched), and print where a step's time goes: data, processor, forward, backward, optimizer")
     p.add_argument("--ckpt-every", type=runs.number(low=1), default=50, help="write a checkpoint every N steps")
     p.add_argument("--max-text-tokens", type=runs.number(low=1), default=media.MAX_TEXT_TOKENS,
                    help="cut every text to this many tokens, in training and evaluation (as embed.py does; "
@@ -144,10 +152,21 @@ def get_args(argv=None) -> argparse.Namespace:
     p.set_defaults(**recipe(argv))
     args = p.parse_args(argv)
     runs.check_device(p, args.device)
+    if args.precision not in precision.CHOICES:  # a bad LCO_MINI_PRECISION (argparse checks only what is typed)
+        p.error(f"--precision must be one of {', '.join(precision.CHOICES)}; got {args.precision!r}")
     if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
         p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
     if args.model == "tiny" and args.pretrain_data:
         p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
+    if args.profile_steps:
+        if args.resume:
+            p.error("--profile-steps runs in a scratch folder: it cannot --resume")
+        if args.model == "tiny" and args.stage == "contrastive":
+            p.error("--profile-steps on the tiny model profiles --stage all or pretrain (contrastive needs its base)")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            p.error("--profile-steps runs in one process (not under torchrun)")
+        args.pretrain_steps = args.steps = args.profile_steps
+        args.no_eval = args.no_control = True
     if args.warmup is None:
         args.warmup = min(100, max(1, args.steps // 10))
     return args
@@ -169,18 +188,34 @@ def local_slice(examples: list) -> list:
 
 # ----------------------------------------------------------------------------- losses
 
-def generative_loss(model, processor, examples, device, max_text_tokens=media.MAX_TEXT_TOKENS) -> torch.Tensor:
-    """Next-token cross-entropy on the target text only (the prompt is not scored)."""
+def generative_inputs(processor, examples, max_text_tokens=media.MAX_TEXT_TOKENS):
+    """The processor's batch for (item, target text) examples: token ids, pixels, mel features,
+    and labels = the target's token ids (-100 elsewhere: the prompt is not scored)."""
     items, targets = zip(*examples)
-    inputs = backbone.build_inputs(processor, list(items), targets=list(targets), max_text_tokens=max_text_tokens)
+    return backbone.build_inputs(processor, list(items), targets=list(targets), max_text_tokens=max_text_tokens)
+
+
+def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tensor:
+    """Next-token cross-entropy on the labelled (target) tokens. The forward runs under
+    --precision's autocast (bf16 matmuls where native); the loss is taken in fp32."""
     inputs = inputs.to(device)
     labels = inputs.pop("labels")
-    logits = model(**inputs).logits.float()
+    with precision.autocast(device, precision_used):
+        logits = model(**inputs).logits
+    logits = logits.float()
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def embed_items(model, processor, items, device, max_text_tokens=media.MAX_TEXT_TOKENS) -> torch.Tensor:
-    return backbone.embed_batch(model, backbone.build_inputs(processor, items, max_text_tokens=max_text_tokens).to(device))
+def embed_inputs(model, inputs, device, precision_used="fp32") -> torch.Tensor:
+    """L2-normalised fp32 embeddings of a build_inputs batch, the forward under --precision's autocast."""
+    with precision.autocast(device, precision_used):
+        return backbone.embed_batch(model, inputs.to(device))
+
+
+def embed_items(model, processor, items, device, max_text_tokens=media.MAX_TEXT_TOKENS,
+                precision_used="fp32") -> torch.Tensor:
+    inputs = backbone.build_inputs(processor, items, max_text_tokens=max_text_tokens)
+    return embed_inputs(model, inputs, device, precision_used)
 
 
 def batch_items(triples, args) -> list:
@@ -216,19 +251,14 @@ def gradcache(model, processor, triples, args, device) -> torch.Tensor:
     with torch.no_grad():
         for chunk in chunks:
             states.append(checkpoint.rng_state())  # every device's RNG: step (3) replays the same dropout masks
-            cached.append(embed_items(model, processor, chunk, device, args.max_text_tokens))
+            cached.append(embed_items(model, processor, chunk, device, args.max_text_tokens, args.precision))
     embeddings = torch.cat(cached).detach().requires_grad_()
     loss = batch_loss(embeddings, len(triples), args)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
         checkpoint.set_rng_state(state)
-        embed_items(model, processor, chunk, device, args.max_text_tokens).backward(grad)
+        embed_items(model, processor, chunk, device, args.max_text_tokens, args.precision).backward(grad)
     return loss.detach()
-
-
-def autocast(device):
-    """bf16 autocast on CUDA (fp32 master weights and optimizer state); nothing on the CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------- stages
@@ -262,7 +292,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         return base
     if args.model == "tiny":
         init = build_tiny_init(args, out)
-        # fp32 master weights (AdamW on bf16 weights would lose small updates); bf16 autocast on CUDA
+        # fp32 master weights (AdamW on bf16 weights would lose small updates); see --precision
         model, processor = backbone.load(init, device=device, dtype=torch.float32)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained
             p.requires_grad_(True)
@@ -281,11 +311,15 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     model.train()
     for step in run.resume():
         lr = run.set_lr(step)
-        examples = local_slice(source(step))  # this process's share of the step's (item, target text) pairs
-        with autocast(device):
-            loss = generative_loss(model, processor, examples, device, args.max_text_tokens)  # forward
-        loss.backward()
-        loss, examples = loss.detach(), None  # keep the number only: the graph would live into the next step
+        with run.timed("data"):  # this process's share of the step's (item, target text) pairs
+            examples = local_slice(source(step))
+        with run.timed("processor"):  # texts, images, audio -> token ids, pixels, mel features, labels
+            inputs = generative_inputs(processor, examples, args.max_text_tokens)
+        with run.timed("forward"):
+            loss = generative_loss(model, inputs, device, args.precision)
+        with run.timed("backward"):
+            loss.backward()
+        loss, inputs = loss.detach(), None  # keep the number only: the graph would live into the next step
         run.optimizer_step(step, loss)  # average gradients across processes, clip, AdamW step
         run.log_and_checkpoint(step, lr)
     model.eval()
@@ -343,16 +377,21 @@ def run_contrastive(args, device, base: Path, out: Path, pairs: list | None, nam
     model.train()
     for step in run.resume():
         lr = run.set_lr(step)
-        triples = local_slice(source(step))  # this process's (anchor, positive, hard negative) item dicts
-        items = batch_items(triples, args)
-        with autocast(device):
-            if args.micro_batch and len(items) > args.micro_batch:
-                loss = gradcache(model, processor, triples, args, device)  # forward + backward, in micro-batches
-            else:
-                loss = batch_loss(embed_items(model, processor, items, device, args.max_text_tokens),
-                                  len(triples), args)  # forward
+        with run.timed("data"):  # this process's (anchor, positive, hard negative) item dicts
+            triples = local_slice(source(step))
+            items = batch_items(triples, args)
+        if args.micro_batch and len(items) > args.micro_batch:
+            with run.timed("gradcache"):  # processor, forward and backward, in micro-batches
+                loss = gradcache(model, processor, triples, args, device)
+        else:
+            with run.timed("processor"):
+                inputs = backbone.build_inputs(processor, items, max_text_tokens=args.max_text_tokens)
+            with run.timed("forward"):
+                embeddings = embed_inputs(model, inputs, device, args.precision)
+                loss = batch_loss(embeddings, len(triples), args)  # in fp32, outside autocast
+            with run.timed("backward"):
                 loss.backward()
-        loss, items, triples = loss.detach(), None, None  # the number only: the graph would live into the next step
+        loss, inputs, embeddings = loss.detach(), None, None  # the number only: the graph would live on
         run.optimizer_step(step, loss / distributed.world_size())  # average gradients, clip, AdamW step
         run.log_and_checkpoint(step, lr)
     model.eval()
@@ -391,10 +430,23 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()  # our own log lines say what is happening
     transformers.utils.logging.set_verbosity_error()
     device, rank, world_size = distributed.setup(args.device)
+    args.precision, why = precision.choose(args.precision, device)  # resolved before run_config.json records it
     torch.manual_seed(args.seed + rank)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    out = Path(args.out)
+    out = Path(tempfile.mkdtemp(prefix="lco_mini_profile_") if args.profile_steps else args.out)
+    setup = (f"device: {device} | processes: {world_size} | torch {torch.__version__} | "
+             f"threads {torch.get_num_threads()} | precision {args.precision} ({why})")
+    try:
+        run_stages(args, device, out, setup)
+    finally:
+        if args.profile_steps:
+            shutil.rmtree(out, ignore_errors=True)
+    distributed.cleanup()
+
+
+def run_stages(args, device, out: Path, setup: str) -> None:
+    """Check everything, then pretrain, contrastive learning, control and evaluation, as asked."""
     replaced, pairs, pretrain_pairs, eval_pairs = runs.check_run(args, out)
     if replaced and distributed.is_main():
         say(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
@@ -403,7 +455,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
         (out / runs.RUN_CONFIG).write_text(json.dumps(vars(args), indent=2) + "\n")
-    say(f"device: {device} | processes: {world_size} | torch {torch.__version__} | threads {torch.get_num_threads()}")
+    say(setup)
     t0 = time.time()
 
     base = Path(args.model)
@@ -411,8 +463,9 @@ def main(argv=None) -> None:
         base = run_pretrain(args, device, out, pretrain_pairs)
     elif args.model == "tiny":
         base = out / "base"  # check_run made sure it exists
-    if args.stage == "pretrain":
+    if args.stage == "pretrain" and not args.profile_steps:
         say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
+    if args.stage == "pretrain":
         return
 
     # (b): text-only contrastive learning on the pretrained base
@@ -429,9 +482,9 @@ def main(argv=None) -> None:
             runs_to_evaluate["(c) control: CL, no pretrain"] = control
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
             evaluate_models(args, device, out, runs_to_evaluate, eval_pairs)
-    say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
-        f"Embed with: python embed.py --model {out / 'merged'} FILE")
-    distributed.cleanup()
+    if not args.profile_steps:
+        say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
+            f"Embed with: python embed.py --model {out / 'merged'} FILE")
 
 
 def cli(argv=None) -> None:

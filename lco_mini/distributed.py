@@ -74,13 +74,19 @@ def cleanup() -> None:
 
 def average_gradients(params) -> None:
     """Average .grad over processes (what DDP does; done by hand so GradCache's
-    several backward passes per step need no no_sync() bookkeeping)."""
+    several backward passes per step need no no_sync() bookkeeping).
+
+    Every process must join every all_reduce, so a weight this process's batch did not reach
+    (an audio tower when its share had no audio) contributes zeros instead of being skipped.
+    All gradients travel as one flat buffer: one collective per step, not one per tensor."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
 
 
 def broadcast_from_main(params) -> None:

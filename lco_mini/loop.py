@@ -1,11 +1,14 @@
 """The bookkeeping around a training loop: AdamW on the trainable weights, the lr schedule,
-gradient averaging and clipping, a stop on a non-finite loss, resume, log lines and atomic
-checkpoints. What a step computes stays in train.py's loops, where a reader sees it.
+gradient averaging and clipping, a stop on a non-finite loss, resume, log lines, atomic
+checkpoints and the time each phase of a step takes. What a step computes stays in train.py's
+loops, where a reader sees it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -26,6 +29,28 @@ def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+class PhaseTimer:
+    """Wall-clock seconds per named phase of a step (data, processor, forward, ...), summed over steps."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+    def summary(self, steps: int) -> str:
+        """One line: ms per step and share of each phase, in the order they ran."""
+        total = sum(self.seconds.values())
+        parts = [f"{phase} {1000 * s / max(1, steps):.0f} ms ({100 * s / max(total, 1e-9):.0f}%)"
+                 for phase, s in self.seconds.items()]
+        return f"{1000 * total / max(1, steps):.0f} ms/step = " + ", ".join(parts)
+
+
 class Run:
     """One stage's bookkeeping (see the module docstring); train.py's run_pretrain and
     run_contrastive hold the loops themselves."""
@@ -38,6 +63,7 @@ class Run:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=peak_lr, weight_decay=args.weight_decay)
         self.start, self.losses = 0, []
+        self.timed = PhaseTimer()  # `with run.timed("forward"): ...` in the loops
 
     def resume(self) -> range:
         """The steps left to run: all of them, or (with --resume) those after the checkpoint."""
@@ -65,19 +91,25 @@ class Run:
         if not torch.isfinite(loss):
             raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. "
                                 f"The last good checkpoint is kept in {self.ckpt_path} (try a lower --lr)")
-        distributed.average_gradients(self.params)
-        if self.args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timed("optimizer"):
+            distributed.average_gradients(self.params)
+            if self.args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
 
     def log_and_checkpoint(self, step: int, lr: float) -> None:
         last_step = step == self.steps - 1
+        if step == self.start and not last_step:
+            self.timed.seconds.clear()  # the phase split leaves out the first step (one-time warm-up)
         if step % self.args.log_every == 0 or last_step:
             rate = (step + 1 - self.start) * self.items_per_step / max(1e-9, time.time() - self.t0)
             say(f"{self.name} step {step:5d} | loss {self.losses[-1]:.4f} | lr {lr:.2e} | "
                 f"{rate:6.1f} {self.unit}/s{self.log_extra}")
+        if last_step:
+            timed_steps = max(1, self.steps - self.start - 1)
+            say(f"{self.name}: where a step's time went (mean of {timed_steps} steps): {self.timed.summary(timed_steps)}")
         if ((step + 1) % self.args.ckpt_every == 0 or last_step) and distributed.is_main():
             checkpoint.save({"model": checkpoint.trainable_state(self.model), "optimizer": self.optimizer.state_dict(),
                              "rng": checkpoint.rng_state(), "step": step + 1, "losses": self.losses,

@@ -1,5 +1,10 @@
 """Shared fixtures: tiny *random* backbones of the three supported families, built locally
-(no hub) and saved to folders, so tests go through backbone.load(folder) like real use."""
+(no hub) and saved to folders, so tests go through backbone.load(folder) like real use.
+Every test runs in fp32, train.py subprocesses included (lco_mini/precision.py)."""
+import os
+
+os.environ["LCO_MINI_PRECISION"] = "fp32"  # before lco_mini.precision reads it
+
 import pytest
 from transformers import (
     Qwen2_5_VLConfig,

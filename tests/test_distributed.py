@@ -49,3 +49,24 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(got["loss"], single_loss, atol=1e-5, rtol=0)
         for g, ref in zip(got["grads"], single_grads):
             torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-4)
+
+
+def unused_weight_worker(rank, world_size, results, init_file):
+    """Rank 1's batch never reaches the second weight (as a share with no audio never reaches the
+    audio tower): average_gradients must still join every collective, with zeros for it."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    used, sometimes = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    loss = (used * (rank + 1)).sum() + ((sometimes * 4).sum() if rank == 0 else 0)
+    loss.backward()
+    assert (sometimes.grad is None) == (rank == 1)
+    distributed.average_gradients([used, sometimes])
+    torch.save({"used": used.grad, "sometimes": sometimes.grad}, Path(results) / f"unused{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_weight_one_process_did_not_reach_is_averaged_with_zeros(tmp_path):
+    mp.spawn(unused_weight_worker, args=(2, str(tmp_path), str(tmp_path / "pg")), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"unused{rank}.pt")
+        assert torch.equal(got["used"], torch.full((3,), 1.5))  # (1 + 2) / 2
+        assert torch.equal(got["sometimes"], torch.full((2,), 2.0))  # (4 + 0) / 2

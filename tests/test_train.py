@@ -20,8 +20,8 @@ from lco_mini import backbone, evaluation, lora, loop, tasks, tiny  # noqa: E402
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
 
-def run_train(args, timeout=300, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run_train(args, timeout=300, env_extra=None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, env=env, **kwargs)
 

@@ -1,0 +1,57 @@
+"""Mixed precision: bf16 arithmetic where the hardware does it natively, fp32 weights everywhere.
+
+train.py keeps fp32 master weights and fp32 AdamW state (bf16 would round small updates away)
+and runs each forward pass under torch.autocast: matmuls in bf16, reductions and norms in fp32.
+That pays only where bf16 matmuls are native:
+  * CUDA GPUs (bf16 tensor cores);
+  * x86 CPUs with AVX512-BF16 or AMX-BF16. On this project's 2-core CPU box a [2048 x 256] @
+    [256 x 1024] matmul runs at ~390 GFLOP/s in bf16 against ~130 in fp32 (2 threads).
+Elsewhere bf16 is emulated and slower than fp32, so "auto" picks fp32 there. `--precision fp32`
+gives exact fp32 anywhere; the tests run in fp32 (LCO_MINI_PRECISION=fp32, set by tests/conftest.py).
+The contrastive loss is always computed in fp32 on fp32 embeddings: at temperature 0.03 a bf16
+similarity (3 significant digits) would move the logits by ~0.1.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+CHOICES = ("auto", "bf16", "fp32")
+DEFAULT = os.environ.get("LCO_MINI_PRECISION", "auto")  # the tests pin fp32 this way
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 matmuls
+
+
+def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
+    """The first native-bf16 flag this CPU reports (Linux /proc/cpuinfo), or None."""
+    if cpuinfo is None:
+        path = Path("/proc/cpuinfo")
+        cpuinfo = path.read_text(errors="replace") if path.exists() else ""
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def choose(requested: str, device: torch.device, cpuinfo: str | None = None) -> tuple[str, str]:
+    """("bf16" or "fp32", why) for --precision `requested` on `device`."""
+    if requested not in CHOICES:
+        raise ValueError(f"precision must be one of {', '.join(CHOICES)}; got {requested!r}")
+    if requested != "auto":
+        return requested, "asked for"
+    if device.type == "cuda":
+        return "bf16", "CUDA"
+    flag = cpu_bf16_flag(cpuinfo) if device.type == "cpu" else None
+    if flag:
+        return "bf16", f"this CPU has {flag.upper().replace('_', '-')}"
+    return "fp32", f"no native bf16 on this {device.type}"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context of a forward pass: bf16 autocast, or nothing for fp32."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -1,0 +1,102 @@
+"""--precision: which arithmetic a run chooses, bf16 autocast against fp32 on the same batch,
+and --profile-steps (the phase split of a step) leaving nothing behind."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+from lco_mini import backbone, loop, precision, tasks  # noqa: E402
+from test_train import SMOKE, run_train  # noqa: E402
+
+ZEN4 = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+SKYLAKE = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+SAPPHIRE = "flags : fpu avx512f amx_bf16 amx_tile\n"
+
+
+def test_cpu_flag_is_read_from_cpuinfo():
+    assert precision.cpu_bf16_flag(ZEN4) == "avx512_bf16"
+    assert precision.cpu_bf16_flag(SAPPHIRE) == "amx_bf16"
+    assert precision.cpu_bf16_flag(SKYLAKE) is None
+    assert precision.cpu_bf16_flag("") is None  # macOS, Windows: no /proc/cpuinfo
+
+
+@pytest.mark.parametrize("requested, device, cpuinfo, expected", [
+    ("auto", "cpu", ZEN4, "bf16"),
+    ("auto", "cpu", SAPPHIRE, "bf16"),
+    ("auto", "cpu", SKYLAKE, "fp32"),  # emulated bf16 would be slower than fp32
+    ("auto", "cuda", SKYLAKE, "bf16"),
+    ("fp32", "cpu", ZEN4, "fp32"),
+    ("bf16", "cpu", SKYLAKE, "bf16"),  # asked for: allowed, only slower
+])
+def test_choose(requested, device, cpuinfo, expected):
+    chosen, why = precision.choose(requested, torch.device(device), cpuinfo)
+    assert chosen == expected and why
+
+
+def test_choose_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        precision.choose("fp16", torch.device("cpu"), ZEN4)
+
+
+def test_tests_run_in_fp32():
+    assert precision.DEFAULT == "fp32" and train.get_args([]).precision == "fp32"
+
+
+def test_a_bad_environment_value_is_a_one_line_error(tmp_path):
+    result = run_train(["--out", str(tmp_path / "run")], env_extra={"LCO_MINI_PRECISION": "fp8"})
+    assert result.returncode == 2 and "--precision must be one of auto, bf16, fp32; got 'fp8'" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def examples(n=6, seed=3):
+    return tasks.world_caption_examples(n, seed)
+
+
+def test_bf16_autocast_is_close_to_fp32_and_keeps_fp32_weights(omni_dir):
+    model, processor = backbone.load(omni_dir, device="cpu", dtype=torch.float32)
+    cpu = torch.device("cpu")
+    exact = train.generative_loss(model, train.generative_inputs(processor, examples()), cpu, "fp32")
+    mixed = train.generative_loss(model, train.generative_inputs(processor, examples()), cpu, "bf16")
+    assert mixed.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
+    assert mixed.item() == pytest.approx(exact.item(), rel=2e-2) and mixed.item() != exact.item()
+    items = [item for item, _ in examples()]
+    a = train.embed_items(model, processor, items, cpu, precision_used="fp32")
+    b = train.embed_items(model, processor, items, cpu, precision_used="bf16")
+    assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
+    assert (a * b).sum(-1).min() > 0.99  # cosine of each bf16 embedding with its fp32 one
+
+
+def test_phase_timer_summary():
+    timer = loop.PhaseTimer()
+    timer.seconds.update({"forward": 0.3, "backward": 0.6, "optimizer": 0.1})
+    assert timer.summary(2) == "500 ms/step = forward 150 ms (30%), backward 300 ms (60%), optimizer 50 ms (10%)"
+
+
+def test_profile_steps_prints_the_phases_and_keeps_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*SMOKE, "--profile-steps", "3", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("pretrain", "contrastive"):
+        line = next(l for l in result.stdout.splitlines() if l.startswith(f"{stage}: where a step's time went"))
+        assert "(mean of 2 steps)" in line
+        for phase in ("data", "processor", "forward", "backward", "optimizer"):
+            assert f" {phase} " in line, (phase, line)
+    assert not out.exists() and "held-out retrieval" not in result.stdout
+
+
+def test_profile_steps_refuses_resume(tmp_path):
+    result = run_train([*SMOKE, "--profile-steps", "3", "--resume", "--out", str(tmp_path)])
+    assert result.returncode == 2 and "cannot --resume" in result.stderr
+
+
+def test_the_run_config_records_the_precision_used(tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*SMOKE, "--stage", "pretrain", "--pretrain-steps", "2", "--precision", "bf16", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "run_config.json").read_text())["precision"] == "bf16"
+    assert "precision bf16 (asked for)" in result.stdout
