@@ -197,13 +197,22 @@ def generative_inputs(processor, examples, max_text_tokens=media.MAX_TEXT_TOKENS
 
 def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tensor:
     """Next-token cross-entropy on the labelled (target) tokens. The forward runs under
-    --precision's autocast (bf16 matmuls where native); the loss is taken in fp32."""
+    --precision's autocast (bf16 matmuls where native); the loss is taken in fp32.
+
+    Left padding puts every row's answer at its end, so only the last K positions (K = the
+    longest answer) need logits: lm_head and the softmax run on ~12 positions a row, not ~60."""
     inputs = inputs.to(device)
     labels = inputs.pop("labels")
+    answer = int((labels != -100).sum(dim=1).max())  # K
+    decoder = backbone.multimodal_decoder(model)
     with precision.autocast(device, precision_used):
-        logits = model(**inputs).logits
-    logits = logits.float()
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        if decoder is None:  # an architecture whose decoder takes no media: all logits, then the last K
+            logits = model(**inputs, use_cache=False).logits[:, -answer - 1:-1]
+        else:  # position t predicts token t + 1: the hidden states before each answer token
+            hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, -answer - 1:-1]
+            logits = model.lm_head(hidden)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, -answer:].flatten(),
+                                             ignore_index=-100)
 
 
 def embed_inputs(model, inputs, device, precision_used="fp32") -> torch.Tensor:
@@ -269,6 +278,7 @@ def save_model(model, processor, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    backbone.record_attention(tmp, model.config._attn_implementation)  # the tiny model's eager stays eager
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

@@ -33,6 +33,7 @@ The split for training: `build_inputs(processor, items)` makes a padded batch
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -119,6 +120,15 @@ def load_processor(source):
     if tokenizer.pad_token is None:  # padding needs some token; it is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return processor
+
+
+def record_attention(folder, implementation: str) -> None:
+    """Write the attention implementation ("eager", "sdpa", ...) into a saved model's config.json:
+    from_pretrained loads the model with it, and save_pretrained does not write it."""
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text())
+    config["attn_implementation"] = implementation
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def load(name_or_path, device=None, dtype=None):
@@ -302,7 +312,7 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
     def pool(hidden):  # pool in the model's dtype, normalise in fp32 (a bf16 norm is off by ~1e-3)
         return F.normalize(pooling.pool(hidden, mask, mode="last", normalize=False).float(), dim=-1)
 
-    decoder = _multimodal_decoder(model)
+    decoder = multimodal_decoder(model)
     if decoder is None:  # no lm_head-free module that takes pixels: run the whole model
         out = model(**inputs, use_cache=False, output_hidden_states=True, return_dict=True)
         hidden = out.hidden_states
@@ -313,7 +323,7 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
     return torch.stack([pool(h) for h in out.hidden_states])
 
 
-def _multimodal_decoder(model):
+def multimodal_decoder(model):
     """`model.model` when it is the full multimodal stack without lm_head (Qwen2VLModel,
     Qwen2_5OmniThinkerModel, LlavaModel, ...), else None: an image-text-to-text model whose
     `.model` is the text-only decoder takes no pixels or audio there."""

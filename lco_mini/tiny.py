@@ -27,6 +27,7 @@ Run `python -m lco_mini.tiny OUT_DIR` to build one and print its size.
 """
 from __future__ import annotations
 
+
 import sys
 from pathlib import Path
 
@@ -42,7 +43,10 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-SYSTEM_PROMPT = "You are a helpful assistant."  # the default of the real Qwen2.5-Omni template
+# The system turn the real Qwen2.5-Omni and Qwen2-VL templates add when a chat has none. The tiny
+# model has none: in its world there is one role, and these 10 tokens in every sequence were
+# ~17% of each training step's compute (tests/conftest.py gives the Qwen2-VL family its own).
+QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # Special tokens, in the order of the real Qwen2.5-Omni vocabulary (ids 151643...).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
@@ -58,10 +62,10 @@ QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def chat_template(named_tokens: dict = NAMED_TOKENS) -> str:
-    """The Qwen2.5-Omni chat template, verbatim except for the system prompt, which is
-    `SYSTEM_PROMPT` in the real template anyway. With another family's named tokens and no
-    audio token (tests/conftest.py: Qwen2-VL's), that family's template."""
+def chat_template(named_tokens: dict = NAMED_TOKENS, system_prompt: str | None = None) -> str:
+    """The Qwen2.5-Omni chat template, verbatim except for the default system turn: none for the
+    tiny model, `system_prompt` if given (the real templates: QWEN_SYSTEM_PROMPT). With another
+    family's named tokens and no audio token (tests/conftest.py: Qwen2-VL's), that family's template."""
     bos, eos = named_tokens["vision_bos_token"], named_tokens["vision_eos_token"]
     image, video = named_tokens["image_token"], named_tokens["video_token"]
     audio = ("{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
@@ -69,12 +73,13 @@ def chat_template(named_tokens: dict = NAMED_TOKENS) -> str:
              "{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}"
              f"{named_tokens['audio_bos_token']}{named_tokens['audio_token']}{named_tokens['audio_eos_token']}"
              ) if "audio_token" in named_tokens else ""
+    default_system = ("{% if loop.first and message['role'] != 'system' %}"
+                      "<|im_start|>system\n" + system_prompt + "<|im_end|>\n{% endif %}") if system_prompt else ""
     return (
         "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
         "{% set video_count = namespace(value=0) %}"
         "{% for message in messages %}"
-        "{% if loop.first and message['role'] != 'system' %}"
-        "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
+        + default_system +
         "<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
         "{% else %}{% for content in message['content'] %}"
@@ -94,12 +99,12 @@ def chat_template(named_tokens: dict = NAMED_TOKENS) -> str:
 
 
 def _template_text() -> list[str]:
-    """Words every prompt contains (roles, system prompt, the LCO-Emb instructions). Training
+    """Words every prompt contains (roles, the LCO-Emb instructions). Training
     the BPE on them too makes each a short token sequence, and "user" a single token
     (the thinker config stores its id as user_token_id)."""
     from lco_mini.backbone import PROMPTS  # lazy: backbone is the heavier module
     prompts = [p.replace("{text}", "") for p in PROMPTS.values()]
-    return ["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", *prompts] * 50
+    return ["user\n", "assistant\n", *prompts] * 50
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024, special_tokens: list[str] = SPECIAL_TOKENS,
@@ -277,6 +282,11 @@ def build_tiny(out_dir, seed: int = 0, corpus: list[str] | None = None, vocab_si
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    # Plain ("eager") attention: at these sizes (sequences of ~60 tokens, 64 vision patches an
+    # image) torch's SDPA kernels cost more than the matmuls they replace on a CPU (a bf16
+    # contrastive step: 19% slower with SDPA).
+    from lco_mini.backbone import record_attention  # lazy, as in _template_text
+    record_attention(out, "eager")
     counts = count_parameters(model)
     print(f"tiny Qwen2.5-Omni thinker: {counts['total'] / 1e6:.2f}M parameters "
           f"(vision {counts['vision'] / 1e6:.2f}M, audio {counts['audio'] / 1e6:.2f}M, "

@@ -239,7 +239,7 @@ def test_whole_model_fallback_matches_decoder_path(loaded, monkeypatch):
     batch = build_inputs(processor, [{"text": TEXTS[0]}, {"image": IMAGES[1], "text": "x"}])
     with torch.no_grad():
         direct = embed_batch(model, batch, layers="all")
-        monkeypatch.setattr(backbone, "_multimodal_decoder", lambda m: None)
+        monkeypatch.setattr(backbone, "multimodal_decoder", lambda m: None)
         whole = embed_batch(model, batch, layers="all")
     torch.testing.assert_close(whole, direct, atol=ATOL, rtol=0)
 
