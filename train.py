@@ -201,7 +201,7 @@ def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tenso
 
     Left padding puts every row's answer at its end, so only the last K positions (K = the
     longest answer) need logits: lm_head and the softmax run on ~12 positions a row, not ~60."""
-    inputs = inputs.to(device)
+    inputs = inputs.to(device).to(model.dtype)  # pixels and mel features in the model's dtype
     labels = inputs.pop("labels")
     answer = int((labels != -100).sum(dim=1).max())  # K
     decoder = backbone.multimodal_decoder(model)
@@ -319,18 +319,29 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     run = Run("pretrain", model, args, out / "pretrain.ckpt.pt", args.pretrain_steps, args.pretrain_lr,
               args.pretrain_warmup, items_per_step=args.pretrain_batch, unit="seqs")
     model.train()
+    # The steps run on `worker`: the model itself, or for the tiny model in bf16 its bf16 copy, whose
+    # gradients go to the fp32 model for AdamW (precision.Bf16Copy: no autocast casts).
+    bf16 = precision.Bf16Copy(model) if args.model == "tiny" and args.precision == "bf16" else None
+    worker = bf16.model if bf16 else model
     for step in run.resume():
+        if bf16 and step == run.start:
+            bf16.weights_from_master()  # resumed weights, if any
         lr = run.set_lr(step)
         with run.timed("data"):  # this process's share of the step's (item, target text) pairs
             examples = local_slice(source(step))
         with run.timed("processor"):  # texts, images, audio -> token ids, pixels, mel features, labels
             inputs = generative_inputs(processor, examples, args.max_text_tokens)
         with run.timed("forward"):
-            loss = generative_loss(model, inputs, device, args.precision)
+            loss = generative_loss(worker, inputs, device, args.precision)
         with run.timed("backward"):
             loss.backward()
+            if bf16:
+                bf16.grads_to_master()
         loss, inputs = loss.detach(), None  # keep the number only: the graph would live into the next step
         run.optimizer_step(step, loss)  # average gradients across processes, clip, AdamW step
+        if bf16:
+            with run.timed("optimizer"):
+                bf16.weights_from_master()
         run.log_and_checkpoint(step, lr)
     model.eval()
 

@@ -100,3 +100,59 @@ def test_the_run_config_records_the_precision_used(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["precision"] == "bf16"
     assert "precision bf16 (asked for)" in result.stdout
+
+
+def full_logits_loss(model, inputs):
+    """The textbook next-token loss: logits at every position, shifted by one (an independent reference)."""
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    logits = model(**inputs, use_cache=False).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("family", ["omni", "qwen2_vl"])
+def test_generative_loss_on_the_answer_positions_equals_the_full_logits_loss(family, omni_dir, qwen2_vl_dir,
+                                                                           monkeypatch):
+    folder = omni_dir if family == "omni" else qwen2_vl_dir
+    model, processor = backbone.load(folder, device="cpu")
+    from PIL import Image
+    items = [{"text": "a red circle"}, {"image": Image.new("RGB", (64, 64), (200, 30, 30))},
+             {"text": "two small yellow stars, one big star and a long tail of words"}]
+    targets = ["a red circle on the left", "red", "stars"]  # answers of different lengths
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        reference = full_logits_loss(model, backbone.build_inputs(processor, items, targets=targets))
+        fast = train.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
+        monkeypatch.setattr(backbone, "multimodal_decoder", lambda m: None)  # the whole-model path
+        whole = train.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(whole, reference, atol=1e-5, rtol=0)
+
+
+def test_saved_models_keep_their_attention_implementation(omni_dir, tmp_path):
+    model, processor = backbone.load(omni_dir, device="cpu")
+    assert model.config._attn_implementation == "eager"  # what tiny.build_tiny recorded
+    train.save_model(model, processor, tmp_path / "copy")
+    again, _ = backbone.load(tmp_path / "copy", device="cpu")
+    assert again.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+    train.save_model(model, processor, tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["attn_implementation"] == "sdpa"
+
+
+def test_fused_adamw_matches_the_reference_adamw():
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    fused = torch.optim.AdamW(weights, lr=1e-2, fused=True)
+    plain = torch.optim.AdamW(copies, lr=1e-2, foreach=False)
+    for step in range(5):
+        for w, c in zip(weights, copies):
+            w.grad = torch.randn_like(w)
+            c.grad = w.grad.clone()
+        fused.step()
+        plain.step()
+    for w, c in zip(weights, copies):
+        torch.testing.assert_close(w, c, atol=1e-6, rtol=0)
+    run = loop.Run("x", torch.nn.Linear(2, 2), train.get_args([]), Path("unused.pt"), 3, 1e-3, 1, 1, "items")
+    assert run.optimizer.defaults["fused"] is True
