@@ -27,7 +27,6 @@ Run `python -m lco_mini.tiny OUT_DIR` to build one and print its size.
 """
 from __future__ import annotations
 
-
 import sys
 from pathlib import Path
 
@@ -43,10 +42,7 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-# The system turn the real Qwen2.5-Omni and Qwen2-VL templates add when a chat has none. The tiny
-# model has none: in its world there is one role, and these 10 tokens in every sequence were
-# ~17% of each training step's compute (tests/conftest.py gives the Qwen2-VL family its own).
-QWEN_SYSTEM_PROMPT = "You are a helpful assistant."
+SYSTEM_PROMPT = "You are a helpful assistant."  # the default of the real Qwen2.5-Omni template
 
 # Special tokens, in the order of the real Qwen2.5-Omni vocabulary (ids 151643...).
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>",
@@ -62,10 +58,10 @@ QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p
                            r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 
-def chat_template(named_tokens: dict = NAMED_TOKENS, system_prompt: str | None = None) -> str:
-    """The Qwen2.5-Omni chat template, verbatim except for the default system turn: none for the
-    tiny model, `system_prompt` if given (the real templates: QWEN_SYSTEM_PROMPT). With another
-    family's named tokens and no audio token (tests/conftest.py: Qwen2-VL's), that family's template."""
+def chat_template(named_tokens: dict = NAMED_TOKENS) -> str:
+    """The Qwen2.5-Omni chat template, verbatim except for the system prompt, which is
+    `SYSTEM_PROMPT` in the real template anyway. With another family's named tokens and no
+    audio token (tests/conftest.py: Qwen2-VL's), that family's template."""
     bos, eos = named_tokens["vision_bos_token"], named_tokens["vision_eos_token"]
     image, video = named_tokens["image_token"], named_tokens["video_token"]
     audio = ("{% elif content['type'] == 'audio' or 'audio' in content or 'audio_url' in content %}"
@@ -73,13 +69,12 @@ def chat_template(named_tokens: dict = NAMED_TOKENS, system_prompt: str | None =
              "{% if add_audio_id %}Audio {{ audio_count.value }}: {% endif %}"
              f"{named_tokens['audio_bos_token']}{named_tokens['audio_token']}{named_tokens['audio_eos_token']}"
              ) if "audio_token" in named_tokens else ""
-    default_system = ("{% if loop.first and message['role'] != 'system' %}"
-                      "<|im_start|>system\n" + system_prompt + "<|im_end|>\n{% endif %}") if system_prompt else ""
     return (
         "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
         "{% set video_count = namespace(value=0) %}"
         "{% for message in messages %}"
-        + default_system +
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n{% endif %}"
         "<|im_start|>{{ message['role'] }}\n"
         "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
         "{% else %}{% for content in message['content'] %}"
@@ -99,12 +94,12 @@ def chat_template(named_tokens: dict = NAMED_TOKENS, system_prompt: str | None =
 
 
 def _template_text() -> list[str]:
-    """Words every prompt contains (roles, the LCO-Emb instructions). Training
+    """Words every prompt contains (roles, system prompt, the LCO-Emb instructions). Training
     the BPE on them too makes each a short token sequence, and "user" a single token
     (the thinker config stores its id as user_token_id)."""
     from lco_mini.backbone import PROMPTS  # lazy: backbone is the heavier module
     prompts = [p.replace("{text}", "") for p in PROMPTS.values()]
-    return ["user\n", "assistant\n", *prompts] * 50
+    return ["system\n" + SYSTEM_PROMPT, "user\n", "assistant\n", *prompts] * 50
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int = 1024, special_tokens: list[str] = SPECIAL_TOKENS,

@@ -52,7 +52,7 @@ def _build_vl(out_dir, config_class, model_class, processor_class, vision: dict)
     torch.manual_seed(0)
     model_class(config).save_pretrained(out_dir)
     processor_class(image_processor=tiny.image_processor(), tokenizer=tokenizer,
-                    video_processor=tiny.video_processor(), chat_template=tiny.chat_template(VL_NAMED_TOKENS, tiny.QWEN_SYSTEM_PROMPT)
+                    video_processor=tiny.video_processor(), chat_template=tiny.chat_template(VL_NAMED_TOKENS)
                     ).save_pretrained(out_dir)
     return out_dir
 

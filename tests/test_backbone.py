@@ -140,7 +140,8 @@ def test_build_inputs_left_padded_ending_in_generation_prompt(loaded):
 def test_prompt_worked_example(omni_dir):
     _, processor = backbone.load(omni_dir, device="cpu")
     batch = build_inputs(processor, [{"text": "hello"}])
-    assert processor.tokenizer.decode(batch["input_ids"][0]) == (  # the tiny model has no system turn
+    assert processor.tokenizer.decode(batch["input_ids"][0]) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\nhello\nSummarize the above text in one word:<|im_end|>\n<|im_start|>assistant\n")
     assert backbone.chat_content({"audio": AUDIOS[0]}) == [
         {"type": "audio"}, {"type": "text", "text": "\nSummarize the above audio in one word:"}]
