@@ -1,7 +1,7 @@
 """Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
 language-centric (text-only) contrastive learning with LoRA.
 
-    python train.py                                   # tiny default, both stages + evaluation (10-12 min on a 2-core CPU)
+    python train.py                                   # tiny default, both stages + evaluation (~5.5 min on a 2-core CPU)
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
@@ -197,7 +197,8 @@ def generative_inputs(processor, examples, max_text_tokens=media.MAX_TEXT_TOKENS
 
 def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tensor:
     """Next-token cross-entropy on the labelled (target) tokens. The forward runs under
-    --precision's autocast (bf16 matmuls where native); the loss is taken in fp32.
+    --precision's autocast (bf16 matmuls where native; a bf16 copy computes in bf16 anyway, with the
+    same numbers); the loss is taken in fp32.
 
     Left padding puts every row's answer at its end, so only the last K positions (K = the
     longest answer) need logits: lm_head and the softmax run on ~12 positions a row, not ~60."""

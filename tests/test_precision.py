@@ -156,3 +156,23 @@ def test_fused_adamw_matches_the_reference_adamw():
         torch.testing.assert_close(w, c, atol=1e-6, rtol=0)
     run = loop.Run("x", torch.nn.Linear(2, 2), train.get_args([]), Path("unused.pt"), 3, 1e-3, 1, 1, "items")
     assert run.optimizer.defaults["fused"] is True
+
+
+def test_bf16_copy_hands_fp32_gradients_to_the_master_and_takes_its_weights_back():
+    torch.manual_seed(0)
+    master = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    copy = precision.Bf16Copy(master)
+    assert all(p.dtype == torch.bfloat16 for p in copy.model.parameters())
+    assert all(p.dtype == torch.float32 for p in master.parameters())
+    x = torch.randn(5, 4, dtype=torch.bfloat16)
+    copy.model[1](copy.model[0](x)).sum().backward()  # the last layer gets no gradient
+    expected = [None if p.grad is None else p.grad.float() for p in copy.model.parameters()]
+    copy.grads_to_master()
+    for got, want, working in zip(master.parameters(), expected, copy.model.parameters()):
+        assert working.grad is None
+        assert (got.grad is None) if want is None else (got.grad.dtype == torch.float32 and torch.equal(got.grad, want))
+    optimizer = torch.optim.AdamW(master.parameters(), lr=1e-3)
+    optimizer.step()  # an update far below bf16's resolution for weights near 1
+    copy.weights_from_master()
+    for weight, working in zip(master.parameters(), copy.model.parameters()):
+        assert torch.equal(working, weight.to(torch.bfloat16))

@@ -107,8 +107,9 @@ def checkpoint_step(path: Path) -> int:
         return 0
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
-    args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "10", "--ckpt-every", "2"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the bf16 copy is rebuilt from the fp32 weights
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, precision):
+    args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "10", "--ckpt-every", "2", "--precision", precision]
     full = run_train([*args, "--out", str(tmp_path / "full")])
     assert full.returncode == 0, full.stderr[-2000:]
     expected = torch.load(tmp_path / "full" / "pretrain.ckpt.pt", weights_only=False)["losses"]
