@@ -92,8 +92,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="seed for model init, data order and dropout")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=precision.CHOICES, default=precision.DEFAULT,
-                   help="auto (default; env LCO_MINI_PRECISION): bf16 autocast with fp32 weights on CUDA and on "
-                        "CPUs with native bf16 (AVX512-BF16, AMX), else fp32; fp32: exact everywhere")
+                   help="auto (default; env LCO_MINI_PRECISION): bf16 on CUDA and on CPUs with native bf16 "
+                        "(AVX512-BF16, AMX), else fp32; weights and AdamW state stay fp32 (lco_mini/precision.py). "
+                        "fp32: exact everywhere")
     # generative stage
     p.add_argument("--pretrain-steps", type=runs.number(low=1),
                    help="generative steps (default: %(default)s; None = one epoch of --pretrain-data)")
