@@ -32,7 +32,7 @@ RUN_CONFIG = "run_config.json"  # not config.json: that name belongs to model fo
 
 # The options that shape what a stage computes; the rest (logging, --out, --device...) do not.
 SHARED_KEYS = ("model", "seed", "tiny_size", "weight_decay", "grad_clip", "lora_r", "lora_alpha", "lora_dropout",
-               "max_text_tokens")
+               "max_text_tokens", "precision")
 RUN_KEYS = {
     "pretrain": SHARED_KEYS + ("pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "pretrain_task",
                                "pretrain_mix", "pretrain_qa", "pretrain_data"),

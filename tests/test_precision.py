@@ -176,3 +176,13 @@ def test_bf16_copy_hands_fp32_gradients_to_the_master_and_takes_its_weights_back
     copy.weights_from_master()
     for weight, working in zip(master.parameters(), copy.model.parameters()):
         assert torch.equal(working, weight.to(torch.bfloat16))
+
+
+def test_resume_refuses_another_precision(tmp_path):
+    """A resumed run must compute what the interrupted one did; "auto" is recorded as what it chose."""
+    out = tmp_path / "run"
+    args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "3", "--out", str(out)]
+    first = run_train([*args, "--precision", "bf16"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_train([*args, "--precision", "fp32", "--resume"])
+    assert again.returncode == 2 and "precision 'bf16' -> 'fp32'" in again.stderr, again.stderr[-2000:]
