@@ -93,8 +93,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--precision", choices=precision.CHOICES, default=precision.DEFAULT,
                    help="auto (default; env LCO_MINI_PRECISION): bf16 on CUDA and on CPUs with native bf16 "
-                        "(AVX512-BF16, AMX), else fp32; weights and AdamW state stay fp32 (lco_mini/precision.py). "
-                        "fp32: exact everywhere")
+                        "(AVX512-BF16, AMX), else fp32; trained weights and AdamW state stay fp32. fp32: no autocast, "
+                        "exact on a CPU (on CUDA frozen bases load in bf16; lco_mini/precision.py)")
     # generative stage
     p.add_argument("--pretrain-steps", type=runs.number(low=1),
                    help="generative steps (default: %(default)s; None = one epoch of --pretrain-data)")
@@ -139,7 +139,8 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--log-every", type=runs.number(low=1), default=25, help="print a log line every N steps")
     p.add_argument("--profile-steps", type=runs.number(low=2), default=0, metavar="N",
                    help="only time N steps of each stage, in a scratch folder deleted after (--out is not "
-                        "touched), and print where a step's time goes: data, processor, forward, backward, optimizer")
+                        "touched), and print where a step's time goes: data, processor, forward, backward "
+                        "(or gradcache, with --micro-batch), optimizer")
     p.add_argument("--ckpt-every", type=runs.number(low=1), default=50, help="write a checkpoint every N steps")
     p.add_argument("--max-text-tokens", type=runs.number(low=1), default=media.MAX_TEXT_TOKENS,
                    help="cut every text to this many tokens, in training and evaluation (as embed.py does; "
@@ -196,6 +197,9 @@ def generative_inputs(processor, examples, max_text_tokens=media.MAX_TEXT_TOKENS
     return backbone.build_inputs(processor, list(items), targets=list(targets), max_text_tokens=max_text_tokens)
 
 
+MEDIA_INPUTS = {"pixel_values", "pixel_values_videos", "input_features"}  # the processor's float inputs
+
+
 def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tensor:
     """Next-token cross-entropy on the labelled (target) tokens. The forward runs under
     --precision's autocast (bf16 matmuls where native; a bf16 copy computes in bf16 anyway, with the
@@ -203,13 +207,15 @@ def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tenso
 
     Left padding puts every row's answer at its end, so only the last K positions (K = the
     longest answer) need logits: lm_head and the softmax run on ~12 positions a row, not ~60."""
-    inputs = inputs.to(device).to(model.dtype)  # pixels and mel features in the model's dtype
+    inputs = inputs.to(device)
+    for key in MEDIA_INPUTS.intersection(inputs.keys()):  # pixels and mel features in the model's dtype
+        inputs[key] = inputs[key].to(model.dtype)
     labels = inputs.pop("labels")
     answer = int((labels != -100).sum(dim=1).max())  # K
     decoder = backbone.multimodal_decoder(model)
     with precision.autocast(device, precision_used):
-        if decoder is None:  # an architecture whose decoder takes no media: all logits, then the last K
-            logits = model(**inputs, use_cache=False).logits[:, -answer - 1:-1]
+        if decoder is None:  # an architecture whose decoder takes no media: the whole model, last K + 1
+            logits = model(**inputs, use_cache=False, logits_to_keep=answer + 1).logits[:, :-1]
         else:  # position t predicts token t + 1: the hidden states before each answer token
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, -answer - 1:-1]
             logits = model.lm_head(hidden)
@@ -321,13 +327,12 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     run = Run("pretrain", model, args, out / "pretrain.ckpt.pt", args.pretrain_steps, args.pretrain_lr,
               args.pretrain_warmup, items_per_step=args.pretrain_batch, unit="seqs")
     model.train()
+    steps = run.resume()  # all steps, or those after the checkpoint
     # The steps run on `worker`: the model itself, or for the tiny model in bf16 its bf16 copy, whose
-    # gradients go to the fp32 model for AdamW (precision.Bf16Copy: no autocast casts).
-    bf16 = precision.Bf16Copy(model) if args.model == "tiny" and args.precision == "bf16" else None
-    worker = bf16.model if bf16 else model
-    for step in run.resume():
-        if bf16 and step == run.start:
-            bf16.weights_from_master()  # resumed weights, if any
+    # gradients go to the fp32 model for AdamW (precision.Bf16Copy; autocast then changes nothing).
+    bf16_copy = precision.Bf16Copy(model) if args.model == "tiny" and args.precision == "bf16" else None
+    worker = bf16_copy.model if bf16_copy else model
+    for step in steps:
         lr = run.set_lr(step)
         with run.timed("data"):  # this process's share of the step's (item, target text) pairs
             examples = local_slice(source(step))
@@ -337,16 +342,18 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
             loss = generative_loss(worker, inputs, device, args.precision)
         with run.timed("backward"):
             loss.backward()
-            if bf16:
-                bf16.grads_to_master()
+            if bf16_copy:
+                bf16_copy.grads_to_master()
         loss, inputs = loss.detach(), None  # keep the number only: the graph would live into the next step
         run.optimizer_step(step, loss)  # average gradients across processes, clip, AdamW step
-        if bf16:
+        if bf16_copy:
             with run.timed("optimizer"):
-                bf16.weights_from_master()
+                bf16_copy.weights_from_master()
         run.log_and_checkpoint(step, lr)
     model.eval()
 
+    if args.profile_steps and args.model != "tiny":
+        return Path(args.model)  # --profile-steps writes no real model; contrastive steps are timed on this one
     if args.model != "tiny":
         model = lora.merge_lora(model)
     if distributed.is_main():
@@ -491,6 +498,9 @@ def run_stages(args, device, out: Path, setup: str) -> None:
     if args.stage == "pretrain":
         return
 
+    if args.profile_steps:  # the contrastive steps are timed too; nothing is saved
+        run_contrastive(args, device, base, out, pairs)
+        return
     # (b): text-only contrastive learning on the pretrained base
     merged = save_contrastive(*run_contrastive(args, device, base, out, pairs), base, out, "contrastive")
     runs_to_evaluate = {}
@@ -505,9 +515,8 @@ def run_stages(args, device, out: Path, setup: str) -> None:
             runs_to_evaluate["(c) control: CL, no pretrain"] = control
         if distributed.is_main():  # every process holds the same merged weights: one evaluates
             evaluate_models(args, device, out, runs_to_evaluate, eval_pairs)
-    if not args.profile_steps:
-        say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
-            f"Embed with: python embed.py --model {out / 'merged'} FILE")
+    say(f"\ndone in {time.time() - t0:.0f} s ({(time.time() - t0) / 60:.1f} min). "
+        f"Embed with: python embed.py --model {out / 'merged'} FILE")
 
 
 def cli(argv=None) -> None:

@@ -77,16 +77,20 @@ def average_gradients(params) -> None:
     several backward passes per step need no no_sync() bookkeeping).
 
     Every process must join every all_reduce, so a weight this process's batch did not reach
-    (an audio tower when its share had no audio) contributes zeros instead of being skipped.
-    All gradients travel as one flat buffer: one collective per step, not one per tensor."""
+    (an audio tower when its share had no audio) sends zeros. A flag per weight travels along:
+    a weight no process reached keeps .grad None, as in one process, so AdamW leaves it alone.
+    All gradients travel as one flat fp32 buffer: one collective per step, not one per tensor."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    reached = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    grads = [p.grad.float().reshape(-1) if p.grad is not None else p.new_zeros(p.numel(), dtype=torch.float32)
+             for p in params]
+    flat = torch.cat(grads + [reached])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
+    flat[:-len(params)] /= dist.get_world_size()
+    chunks = flat[:-len(params)].split([p.numel() for p in params])
+    for p, chunk, count in zip(params, chunks, flat[-len(params):].tolist()):
+        p.grad = chunk.view_as(p).to(dtype=p.dtype, copy=True) if count > 0 else None
 
 
 def broadcast_from_main(params) -> None:

@@ -29,6 +29,12 @@ def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def _wait_for_gpu() -> None:
+    """CUDA runs asynchronously: without this a phase would end when its kernels were queued."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseTimer:
     """Wall-clock seconds per named phase of a step (data, processor, forward, ...), summed over steps."""
 
@@ -37,10 +43,12 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, phase: str):
+        _wait_for_gpu()
         start = time.perf_counter()
         try:
             yield
         finally:
+            _wait_for_gpu()
             self.seconds[phase] += time.perf_counter() - start
 
     def summary(self, steps: int) -> str:
@@ -90,10 +98,10 @@ class Run:
 
     def optimizer_step(self, step: int, loss: torch.Tensor) -> None:
         """After backward: stop on a non-finite loss, average gradients over processes, clip, step."""
-        if not torch.isfinite(loss):
-            raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. "
-                                f"The last good checkpoint is kept in {self.ckpt_path} (try a lower --lr)")
         with self.timed("optimizer"):
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{self.name}: loss became {loss.item()} at step {step}; stopping. The last "
+                                    f"good checkpoint is kept in {self.ckpt_path} (try a lower --lr)")
             distributed.average_gradients(self.params)
             if self.args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.args.grad_clip)

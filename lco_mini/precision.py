@@ -1,13 +1,16 @@
-"""Mixed precision: bf16 arithmetic where the hardware does it natively, fp32 weights everywhere.
+"""Mixed precision: bf16 arithmetic where the hardware does it natively, fp32 trained weights.
 
-train.py keeps fp32 master weights and fp32 AdamW state (bf16 would round small updates away)
+train.py keeps the weights it trains and their AdamW state in fp32 (bf16 would round small updates away)
 and runs each forward pass under torch.autocast: matmuls in bf16, reductions and norms in fp32.
 That pays only where bf16 matmuls are native:
   * CUDA GPUs (bf16 tensor cores);
   * x86 CPUs with AVX512-BF16 or AMX-BF16. On this project's 2-core CPU box a [2048 x 256] @
     [256 x 1024] matmul runs at ~390 GFLOP/s in bf16 against ~130 in fp32 (2 threads).
 Elsewhere bf16 is emulated and slower than fp32, so "auto" picks fp32 there. `--precision fp32`
-gives exact fp32 anywhere; the tests run in fp32 (LCO_MINI_PRECISION=fp32, set by tests/conftest.py).
+turns autocast off; the tests run in fp32 (LCO_MINI_PRECISION=fp32, set by tests/conftest.py).
+On CUDA the frozen base of the contrastive stages, a real backbone's weights and the models the
+evaluation loads are bf16 whatever --precision says (backbone.load's default there); on a CPU
+they are fp32.
 
 Training every weight (the tiny model's pretraining from scratch) goes one step further: the
 steps run on a bf16 copy of the model (Bf16Copy), whose gradients are handed to the fp32 model
@@ -43,14 +46,18 @@ def cpu_bf16_flag(cpuinfo: str | None = None) -> str | None:
     return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
 
 
-def choose(requested: str, device: torch.device, cpuinfo: str | None = None) -> tuple[str, str]:
-    """("bf16" or "fp32", why) for --precision `requested` on `device`."""
+def choose(requested: str, device: torch.device, cpuinfo: str | None = None,
+           cuda_native: bool | None = None) -> tuple[str, str]:
+    """("bf16" or "fp32", why) for --precision `requested` on `device`. cpuinfo / cuda_native:
+    what the hardware reports (read here when None; tests pass them)."""
     if requested not in CHOICES:
         raise ValueError(f"precision must be one of {', '.join(CHOICES)}; got {requested!r}")
     if requested != "auto":
         return requested, "asked for"
     if device.type == "cuda":
-        return "bf16", "CUDA"
+        if cuda_native is None:
+            cuda_native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ("bf16", "CUDA with bf16 tensor cores") if cuda_native else ("fp32", "this GPU has no native bf16")
     flag = cpu_bf16_flag(cpuinfo) if device.type == "cpu" else None
     if flag:
         return "bf16", f"this CPU has {flag.upper().replace('_', '-')}"

@@ -53,14 +53,15 @@ def test_two_processes_equal_one(tmp_path):
 
 def unused_weight_worker(rank, world_size, results, init_file):
     """Rank 1's batch never reaches the second weight (as a share with no audio never reaches the
-    audio tower): average_gradients must still join every collective, with zeros for it."""
+    audio tower): average_gradients must still join every collective, with zeros for it. No batch
+    reaches the third."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    used, sometimes = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used, sometimes, never = (torch.nn.Parameter(torch.ones(n)) for n in (3, 2, 4))
     loss = (used * (rank + 1)).sum() + ((sometimes * 4).sum() if rank == 0 else 0)
     loss.backward()
-    assert (sometimes.grad is None) == (rank == 1)
-    distributed.average_gradients([used, sometimes])
-    torch.save({"used": used.grad, "sometimes": sometimes.grad}, Path(results) / f"unused{rank}.pt")
+    assert (sometimes.grad is None) == (rank == 1) and never.grad is None
+    distributed.average_gradients([used, sometimes, never])
+    torch.save({"used": used.grad, "sometimes": sometimes.grad, "never": never.grad}, Path(results) / f"unused{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -70,3 +71,4 @@ def test_a_weight_one_process_did_not_reach_is_averaged_with_zeros(tmp_path):
         got = torch.load(tmp_path / f"unused{rank}.pt")
         assert torch.equal(got["used"], torch.full((3,), 1.5))  # (1 + 2) / 2
         assert torch.equal(got["sometimes"], torch.full((2,), 2.0))  # (4 + 0) / 2
+        assert got["never"] is None  # no process reached it: AdamW must skip it, as in one process

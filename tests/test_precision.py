@@ -29,13 +29,17 @@ def test_cpu_flag_is_read_from_cpuinfo():
     ("auto", "cpu", ZEN4, "bf16"),
     ("auto", "cpu", SAPPHIRE, "bf16"),
     ("auto", "cpu", SKYLAKE, "fp32"),  # emulated bf16 would be slower than fp32
-    ("auto", "cuda", SKYLAKE, "bf16"),
+    ("auto", "cuda", SKYLAKE, "bf16"),  # an Ampere or later GPU (cuda_native=True below)
     ("fp32", "cpu", ZEN4, "fp32"),
     ("bf16", "cpu", SKYLAKE, "bf16"),  # asked for: allowed, only slower
 ])
 def test_choose(requested, device, cpuinfo, expected):
-    chosen, why = precision.choose(requested, torch.device(device), cpuinfo)
+    chosen, why = precision.choose(requested, torch.device(device), cpuinfo, cuda_native=True)
     assert chosen == expected and why
+
+
+def test_auto_takes_fp32_on_a_gpu_without_bf16_tensor_cores():
+    assert precision.choose("auto", torch.device("cuda"), cuda_native=False) == ("fp32", "this GPU has no native bf16")
 
 
 def test_choose_refuses_an_unknown_precision():
@@ -78,8 +82,9 @@ def test_phase_timer_summary():
 
 
 def test_profile_steps_prints_the_phases_and_keeps_nothing(tmp_path):
-    out = tmp_path / "run"
-    result = run_train([*SMOKE, "--profile-steps", "3", "--out", str(out)])
+    out, scratch = tmp_path / "run", tmp_path / "tmp"
+    scratch.mkdir()
+    result = run_train([*SMOKE, "--profile-steps", "3", "--out", str(out)], env_extra={"TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("pretrain", "contrastive"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(f"{stage}: where a step's time went"))
@@ -87,6 +92,7 @@ def test_profile_steps_prints_the_phases_and_keeps_nothing(tmp_path):
         for phase in ("data", "processor", "forward", "backward", "optimizer"):
             assert f" {phase} " in line, (phase, line)
     assert not out.exists() and "held-out retrieval" not in result.stdout
+    assert list(scratch.iterdir()) == []  # the scratch folder (in TMPDIR) is gone too
 
 
 def test_profile_steps_refuses_resume(tmp_path):

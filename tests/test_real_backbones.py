@@ -5,6 +5,7 @@ backbone cannot take, epoch-wise sampling, --multimodal-ratio with --data, GradC
 DDP batch divisibility."""
 import hashlib
 import json
+import tempfile
 import sys
 from pathlib import Path
 
@@ -192,3 +193,17 @@ def test_eval_data_finds_copies_and_not_shuffled_pairs():
     shuffled = [data.Pair({"text": t}, {"text": f"other {(i + 7) % 20}"}, None, i) for i, t in enumerate(texts)]
     result = evaluation.evaluate_pairs(HashEmbedder(), shuffled)["data text->text"]
     assert result["R@1"] <= 0.25 and result["MRR"] < 0.5  # chance: R@1 = 1/20
+
+
+def test_profile_steps_on_a_real_backbone_writes_no_model(qwen2_vl_dir, datasets, tmp_path, capsys, monkeypatch):
+    pairs, docs, _ = datasets
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # mkdtemp reads TMPDIR again
+    train.cli(["--model", str(qwen2_vl_dir), "--pretrain-data", str(docs), "--data", str(pairs), "--profile-steps", "2",
+               "--batch-size", "4", "--pretrain-batch", "4", "--lora-r", "4", "--lora-alpha", "8",
+               "--out", str(tmp_path / "out")])
+    stdout = capsys.readouterr().out
+    assert "pretrain: where a step's time went" in stdout and "contrastive: where a step's time went" in stdout
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "out").exists()
