@@ -214,8 +214,8 @@ def generative_loss(model, inputs, device, precision_used="fp32") -> torch.Tenso
     answer = int((labels != -100).sum(dim=1).max())  # K
     decoder = backbone.multimodal_decoder(model)
     with precision.autocast(device, precision_used):
-        if decoder is None:  # an architecture whose decoder takes no media: the whole model, last K + 1
-            logits = model(**inputs, use_cache=False, logits_to_keep=answer + 1).logits[:, :-1]
+        if decoder is None:  # an architecture whose decoder takes no media: all logits, then the last K
+            logits = model(**inputs, use_cache=False).logits[:, -answer - 1:-1]
         else:  # position t predicts token t + 1: the hidden states before each answer token
             hidden = decoder(**inputs, use_cache=False).last_hidden_state[:, -answer - 1:-1]
             logits = model.lm_head(hidden)
