@@ -493,9 +493,9 @@ def run_stages(args, device, out: Path, setup: str) -> None:
         base = run_pretrain(args, device, out, pretrain_pairs)
     elif args.model == "tiny":
         base = out / "base"  # check_run made sure it exists
-    if args.stage == "pretrain" and not args.profile_steps:
-        say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
     if args.stage == "pretrain":
+        if not args.profile_steps:
+            say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")
         return
 
     if args.profile_steps:  # the contrastive steps are timed too; nothing is saved
