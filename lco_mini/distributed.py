@@ -8,7 +8,7 @@ its place, so each process's loss back-propagates into its own forward pass.
 Each process's loss is the mean over its own anchors. The gradients are then averaged
 over processes by hand (average_gradients: what DDP would do; torch's DDP wrapper is not
 used, so GradCache's several backward passes per step need no no_sync() bookkeeping), and
-the loss is scaled by the world size (train.batch_loss) so that the average is the
+the loss is scaled by the world size (losses.batch_loss) so that the average is the
 gradient of one process on the whole batch (tests/test_distributed.py checks it).
 """
 from __future__ import annotations

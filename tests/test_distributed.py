@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, distributed, lora, tiny  # noqa: E402
+from lco_mini import backbone, distributed, lora, losses, tiny  # noqa: E402
 
 BATCH = 8
 
@@ -23,8 +23,8 @@ def loss_and_grads(folder, triples):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # non-zero B: gradients reach A too
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_from_main(params)  # what train.py does: every rank gets rank 0's weights
-    items = train.batch_items(triples, train.get_args([]))
-    loss = train.batch_loss(train.embed_items(model, processor, items, torch.device("cpu")), len(triples),
+    items = losses.batch_items(triples, train.get_args([]))
+    loss = losses.batch_loss(losses.embed_items(model, processor, items, torch.device("cpu")), len(triples),
                             train.get_args([]))
     loss.backward()
     loss = loss.detach() / distributed.world_size()  # as run_contrastive logs it

@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, loop, precision, tasks  # noqa: E402
+from lco_mini import backbone, loop, losses, precision, tasks  # noqa: E402
 from test_train import SMOKE, run_train  # noqa: E402
 
 ZEN4 = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -64,13 +64,13 @@ def examples(n=6, seed=3):
 def test_bf16_autocast_is_close_to_fp32_and_keeps_fp32_weights(omni_dir):
     model, processor = backbone.load(omni_dir, device="cpu", dtype=torch.float32)
     cpu = torch.device("cpu")
-    exact = train.generative_loss(model, train.generative_inputs(processor, examples()), cpu, "fp32")
-    mixed = train.generative_loss(model, train.generative_inputs(processor, examples()), cpu, "bf16")
+    exact = losses.generative_loss(model, losses.generative_inputs(processor, examples()), cpu, "fp32")
+    mixed = losses.generative_loss(model, losses.generative_inputs(processor, examples()), cpu, "bf16")
     assert mixed.dtype == torch.float32 and all(p.dtype == torch.float32 for p in model.parameters())
     assert mixed.item() == pytest.approx(exact.item(), rel=2e-2) and mixed.item() != exact.item()
     items = [item for item, _ in examples()]
-    a = train.embed_items(model, processor, items, cpu, precision_used="fp32")
-    b = train.embed_items(model, processor, items, cpu, precision_used="bf16")
+    a = losses.embed_items(model, processor, items, cpu, precision_used="fp32")
+    b = losses.embed_items(model, processor, items, cpu, precision_used="bf16")
     assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=-1), torch.ones(len(items)), atol=1e-5)
     assert (a * b).sum(-1).min() > 0.99  # cosine of each bf16 embedding with its fp32 one
 
@@ -128,9 +128,9 @@ def test_generative_loss_on_the_answer_positions_equals_the_full_logits_loss(fam
     cpu = torch.device("cpu")
     with torch.no_grad():
         reference = full_logits_loss(model, backbone.build_inputs(processor, items, targets=targets))
-        fast = train.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
+        fast = losses.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
         monkeypatch.setattr(backbone, "multimodal_decoder", lambda m: None)  # the whole-model path
-        whole = train.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
+        whole = losses.generative_loss(model, backbone.build_inputs(processor, items, targets=targets), cpu)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(whole, reference, atol=1e-5, rtol=0)
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import embed  # noqa: E402
 import train  # noqa: E402
-from lco_mini import backbone, data, distributed, evaluation, lora, runs, tasks, tiny  # noqa: E402
+from lco_mini import backbone, data, distributed, evaluation, lora, losses, runs, tasks, tiny  # noqa: E402
 
 TEXTS = ["a red circle", "a blue square", "a green triangle", "the dog barks twice", "two small yellow stars",
          "a low tone", "a high tone", "a moving dot"]
@@ -152,14 +152,14 @@ def test_gradcache_with_dropout_replays_the_masks(tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
 
     torch.manual_seed(42)
-    loss = train.gradcache(model, processor, triples, args, torch.device("cpu"))
+    loss = losses.gradcache(model, processor, triples, args, torch.device("cpu"))
     cached = [p.grad.clone() for p in params]
     model.zero_grad()
 
     torch.manual_seed(42)
     anchors, positives, negatives = (list(x) for x in zip(*triples))
     items = anchors + positives + negatives
-    embeddings = torch.cat([train.embed_items(model, processor, items[i:i + 5], torch.device("cpu"))
+    embeddings = torch.cat([losses.embed_items(model, processor, items[i:i + 5], torch.device("cpu"))
                             for i in range(0, len(items), 5)])
     from lco_mini.infonce import infonce
     reference = infonce(embeddings[:6], embeddings[6:12], embeddings[12:], temperature=args.temperature)
@@ -169,7 +169,7 @@ def test_gradcache_with_dropout_replays_the_masks(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.manual_seed(43)  # a different mask: a different function (the test can fail)
     model.zero_grad()
-    other = train.gradcache(model, processor, triples, args, torch.device("cpu"))
+    other = losses.gradcache(model, processor, triples, args, torch.device("cpu"))
     assert not torch.allclose(other, loss)
 
 

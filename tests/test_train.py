@@ -15,7 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, evaluation, lora, loop, tasks, tiny  # noqa: E402
+from lco_mini import backbone, evaluation, lora, loop, losses, tasks, tiny  # noqa: E402
 
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
@@ -142,7 +142,7 @@ def smoke_model(tmp_path_factory):
 
 def full_batch_loss(model, processor, triples, args) -> torch.Tensor:
     """What run_contrastive's loop does for one batch without --micro-batch: forward, loss, backward."""
-    loss = train.batch_loss(train.embed_items(model, processor, train.batch_items(triples, args), torch.device("cpu")),
+    loss = losses.batch_loss(losses.embed_items(model, processor, losses.batch_items(triples, args), torch.device("cpu")),
                             len(triples), args)
     loss.backward()
     return loss.detach()
@@ -175,7 +175,7 @@ def test_gradcache_gives_the_full_batch_loss_and_gradients(tmp_path):
     results = []
     for micro in (0, 5):
         args = train.get_args(["--micro-batch", str(micro)])
-        loss = (train.gradcache(model, processor, triples, args, torch.device("cpu")) if micro
+        loss = (losses.gradcache(model, processor, triples, args, torch.device("cpu")) if micro
                 else full_batch_loss(model, processor, triples, args))
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad()
