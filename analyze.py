@@ -4,6 +4,8 @@
     python analyze.py alignment             # mutual kNN, unbiased CKA, CKNNA, each with a permutation null
     python analyze.py anisotropy --model out/base --model out/merged --n 100
     python analyze.py alignment --model Qwen/Qwen2.5-Omni-3B --data pairs.jsonl   # anchors vs positives
+    python analyze.py grsl                  # the Generation-Representation Scaling Law on out/'s ladder
+    python analyze.py grsl --quick          # 3 rungs, fewer queries and CL steps (a few minutes)
 
 Generative pretraining already aligns the modalities inside an MLLM; text-only contrastive
 learning (CL) then makes that alignment usable for every modality at once. Two measures show
@@ -14,11 +16,17 @@ it, at every layer (last-token pooling with the embedding prompt, as the embeddi
   alignment    do an item and its caption have the same neighbours in their own modality?
                (mutual k-NN, k = 10; unbiased CKA; CKNNA). Raw scores grow with dimension and
                anisotropy, so each comes with a permutation null: the score of shuffled pairs.
+  grsl         the paper's scaling law: the better a model generates, the better it represents
+               after text-only CL. The rungs are the tiny pretraining at increasing steps (the
+               base-step{N}/ that train.py leaves, and base/); each gets the same text-only CL
+               as the run's; caption R@1 (generation) against X->text R@1 (representation),
+               fitted per modality with bootstrap intervals over the held-out queries.
 The data: the synthetic world's held-out items, one per distinct caption (items sharing a
 caption would be tied neighbours and inflate the overlap), or --data: a jsonl in the official
 format, its anchors against their positives, grouped by the anchor's kind.
-Outputs in --out (default out/analysis): anisotropy.json/.png, alignment.json/.png, and cache/
-(the embeddings, per model and data, so a rerun with other measures or plots is instant).
+Outputs in --out (default out/analysis): anisotropy.json/.png, alignment.json/.png,
+grsl.json/.png (+ grsl-train.log, the CL log lines), and cache/ (the embeddings, per model and
+data, and the scores of each GRSL rung: a rerun, or one cut short, does not redo them).
 """
 from __future__ import annotations
 
@@ -27,16 +35,21 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py: idle threads sleep
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import transformers
+from tqdm.auto import tqdm
 
-from lco_mini import analysis, checkpoint, data, plots, sources, tasks, world
+from lco_mini import analysis, checkpoint, data, ladder, plots, precision, runs, sources, tasks, world
 
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
@@ -58,12 +71,13 @@ class Parser(argparse.ArgumentParser):
 def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["anisotropy", "alignment"], help="what to measure")
+    p.add_argument("command", choices=["anisotropy", "alignment", "grsl"], help="what to measure")
     p.add_argument("--model", action="append", default=None, metavar="DIR",
                    help="a model folder or hub id (repeatable); default: base, merged and control of --run")
     p.add_argument("--run", default="out", help="the train.py output folder the default models come from (default: out)")
     p.add_argument("--data", default=None, help="pairs jsonl (official format) instead of the synthetic world")
-    p.add_argument("--n", type=int, default=300, help="items per modality at most (default: 300)")
+    p.add_argument("--n", type=int, default=None,
+                   help="items per modality at most; grsl: retrieval queries per modality (default: 300; grsl --quick: 100)")
     p.add_argument("--split", choices=world.SPLITS, default="heldout", help="world split (default: heldout)")
     p.add_argument("--seed", type=int, default=1234, help="which renderings of the world's items (default: 1234)")
     p.add_argument("--k", type=int, default=10, help="neighbours for mutual kNN and CKNNA (default: 10, as the paper)")
@@ -71,8 +85,16 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out/analysis", help="output folder (default: out/analysis)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=32, help="items per forward pass (default: 32)")
+    grsl = p.add_argument_group("grsl")
+    grsl.add_argument("--quick", action="store_true", help="3 rungs (first, middle, last), 100 retrieval "
+                      "queries, 12 probe items and 15 CL steps: a few minutes")
+    grsl.add_argument("--probe-n", type=int, default=None, help="captioning-probe items per modality (default: 40; quick: 12)")
+    grsl.add_argument("--steps", type=int, default=None, help="CL steps on every rung (default: the run's; quick: 15)")
+    grsl.add_argument("--boot", type=int, default=1000, help="bootstrap replicates of the fit (default: 1000)")
     args = p.parse_args(argv)
-    for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1)):
+    args.n = args.n or (100 if args.command == "grsl" and args.quick else 300)
+    args.probe_n = args.probe_n or (12 if args.quick else 40)
+    for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1), ("probe_n", 2), ("boot", 10)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}")
     return args
@@ -258,10 +280,120 @@ def _cell(score, null) -> str:
     return f"{fmt(score)} ({fmt(null[0])} +- {fmt(null[1])})"
 
 
+# ----------------------------------------------------------------------------- grsl: the ladder
+
+def grsl_rungs(args) -> list[tuple[int, Path]]:
+    """The run's ladder; with --quick its first, middle and last rung."""
+    try:
+        found = ladder.rungs(Path(args.run))
+    except ladder.LadderError as error:
+        fail(str(error))
+    if len(found) < 3:
+        fail(f"{args.run}: {len(found)} rung(s) ({', '.join(f.name for _, f in found)}); a fit needs 3. train.py leaves "
+             f"base-step{{N}}/ snapshots (--snapshot-steps, default auto); rerun it, with --out elsewhere to keep this run")
+    return [found[0], found[len(found) // 2], found[-1]] if args.quick else found
+
+
+def cl_args(args, config: dict):
+    """train.py's options for the CL of every rung: the run's own contrastive options (seed, pairs,
+    steps, lr, LoRA ...), with --steps or --quick's 15 steps if asked, and this machine's precision."""
+    import train  # the sibling script: the rungs get exactly its contrastive stage
+
+    cl = train.get_args(["--seed", str(config["seed"]), "--no-eval"])
+    vars(cl).update({key: config[key] for key in runs.RUN_KEYS["contrastive"] if key in config and key != "precision"})
+    steps = args.steps or (15 if args.quick else None)
+    if steps:
+        cl.steps, cl.warmup = steps, min(100, max(1, steps // 10))
+    cl.log_every, cl.device = 10 ** 9, args.device  # only the first and last step's lines, into grsl-train.log
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cl.precision, why = precision.choose(precision.DEFAULT, device)
+    if cl.precision != config.get("precision", cl.precision):
+        print(f"grsl: precision {cl.precision} here ({why}); the run used {config['precision']}, so the last rung "
+              f"will not reproduce its (b) exactly")
+    return cl, device
+
+
+def _rung_cache(args, cl, folder: Path) -> Path:
+    options = [CACHE_VERSION, "grsl", str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
+               {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]}]
+    digest = hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:12]
+    return Path(args.out) / "cache" / f"grsl-{folder.name}-{digest}.json"
+
+
+def rung_trainer(args, cl, device):
+    """folder -> the run's text-only CL on it (train.py's own stage), LoRA merged; its log lines go
+    to grsl-train.log. Every rung starts from the RNG state the run's CL started from (the
+    pretraining checkpoint's), so all get the same LoRA initialisation and the last rung is the run's (b)."""
+    import train
+    from lco_mini import lora
+
+    state = checkpoint.load(Path(args.run) / "pretrain.ckpt.pt")
+    if state is None:
+        print(f"grsl: no {Path(args.run) / 'pretrain.ckpt.pt'}: every rung's CL starts from seed {cl.seed} instead")
+
+    def contrastive(folder: Path):
+        checkpoint.set_rng_state(state["rng"]) if state is not None else torch.manual_seed(cl.seed)
+        scratch = Path(tempfile.mkdtemp(prefix="lco_mini_grsl_"))  # the CL's checkpoints, deleted after
+        try:
+            with open(Path(args.out) / "grsl-train.log", "a") as log, contextlib.redirect_stdout(log):
+                print(f"--- {folder}")
+                model, processor = train.run_contrastive(cl, device, folder, scratch, None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return lora.merge_lora(model), processor
+    return contrastive
+
+
+def rung_result(args, cl, device, contrastive, step: int, folder: Path, bar) -> dict:
+    """One rung's scores, from the cache when this rung was measured with the same options."""
+    options = [CACHE_VERSION, "grsl", str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
+               {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]}]
+    digest = hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:12]
+    cache = Path(args.out) / "cache" / f"grsl-{folder.name}-{digest}.json"
+    if cache.is_file():
+        bar.update(ladder.work(args.probe_n, cl.steps))
+        return json.loads(cache.read_text())
+    result = ladder.measure_rung(folder, step, contrastive, device, probe_n=args.probe_n, n=args.n,
+                                 seed=cl.seed + 1234, steps=cl.steps, batch_size=args.batch_size,
+                                 max_text_tokens=cl.max_text_tokens, bar=bar)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.with_suffix(".partial").write_text(json.dumps(result))
+    os.replace(cache.with_suffix(".partial"), cache)  # a cache file that exists is complete
+    return result
+
+
+def grsl(args) -> None:
+    """The ladder, each rung measured (or read from the cache), the fit, grsl.json/.png, the table."""
+    rungs = grsl_rungs(args)
+    config = json.loads((Path(args.run) / runs.RUN_CONFIG).read_text())
+    cl, device = cl_args(args, config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    print(f"grsl: {len(rungs)} rungs ({', '.join(f.name for _, f in rungs)}); each: captioning probe on "
+          f"{args.probe_n} items per modality, text-only CL ({cl.steps} steps, lr {cl.lr}, seed {cl.seed}), "
+          f"retrieval on {args.n} queries per modality")
+    contrastive = rung_trainer(args, cl, device)
+    with tqdm(total=len(rungs) * ladder.work(args.probe_n, cl.steps),
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+        results = [rung_result(args, cl, device, contrastive, step, folder, bar) for step, folder in rungs]
+    rows, fits = ladder.points(results), ladder.fit(results, n_boot=args.boot)
+    report = {"points": rows, "fit": fits, "run": args.run, "rungs": [f.name for _, f in rungs],
+              "options": {"retrieval_queries": args.n, "probe_items": args.probe_n, "cl_steps": cl.steps,
+                          "cl_lr": cl.lr, "seed": cl.seed, "precision": cl.precision, "quick": args.quick}}
+    (out / "grsl.json").write_text(json.dumps(report, indent=1) + "\n")
+    plots.grsl_figure(rows, fits, ladder.PAPER_POINTS, out / "grsl.png")
+    print("\n" + ladder.table(rows, fits))
+    print(f"\nwrote {out / 'grsl.json'} and {out / 'grsl.png'}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
     args = get_args(argv)
+    if args.command == "grsl":
+        return grsl(args)
     models = model_list(args)
     try:
         groups = data_groups(args.data, args.n) if args.data else world_groups(args.n, args.split, args.seed)

@@ -20,7 +20,8 @@ What happens, top to bottom:
   3. evaluate     held-out retrieval for (a) the base model, (b) after contrastive learning and,
                   for the tiny default, (c) a control: the same contrastive learning on a model
                   that never had generative pretraining.
-Outputs in --out: base/ (pretrained model), adapter/ (peft-compatible LoRA files),
+Outputs in --out: base/ (pretrained model), base-step{N}/ (the tiny model part-way through its
+pretraining: the ladder of `python analyze.py grsl`), adapter/ (peft-compatible LoRA files),
 merged/ (what `python embed.py` uses by default), control/ (the control's merged model), eval.json,
 run_config.json (the options), *.ckpt.pt. Nothing is deleted or written before every option, the
 data and the output folder have been checked; inputs are never deleted (see lco_mini/runs.py).
@@ -64,6 +65,7 @@ TINY_RECIPE = dict(
     lr=1e-3,              # contrastive peak lr of the tiny model (the paper's 4e-4 is for 3B-7B models)
     lora_r=16, lora_alpha=32,  # alpha / r = 2, as in the paper
     lora_dropout=0.0,     # drawing dropout masks took ~40% of a CPU contrastive step; 45 steps do not overfit
+    snapshot_steps="auto",  # base-step{N}/ at 1/8, 1/4, 1/2, 3/4 of pretraining: the ladder of `analyze.py grsl`
 )
 REAL_RECIPE = dict(
     pretrain_steps=None,  # continual pretraining: one epoch of --pretrain-data (counted once it is read)
@@ -71,6 +73,7 @@ REAL_RECIPE = dict(
     steps=1000,           # contrastive steps at the paper's batch size
     lr=4e-4,              # the paper's contrastive lr
     lora_r=64, lora_alpha=128, lora_dropout=0.05,  # the paper's LoRA
+    snapshot_steps="",    # a real backbone's continual pretraining leaves only its merged base/
 )
 
 
@@ -110,6 +113,10 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-qa", type=runs.number(float, low=0, high=1), default=0.0,
                    help="tiny pretraining: share of image/video/audio examples that are one-attribute questions")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
+    p.add_argument("--snapshot-steps", metavar="N,N,...",
+                   help="tiny pretraining: also save the model after these steps, as base-step{N}/ (23 MB "
+                        "each at the default size; the ladder of `analyze.py grsl`). auto = 1/8, 1/4, 1/2, 3/4 of --pretrain-steps; "
+                        "'' = none (default: %(default)s)")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
     p.add_argument("--steps", type=runs.number(low=1), help="contrastive steps (default: %(default)s)")
@@ -169,9 +176,27 @@ def get_args(argv=None) -> argparse.Namespace:
             p.error("--profile-steps runs in one process (not under torchrun)")
         args.pretrain_steps = args.steps = args.profile_steps
         args.no_eval = args.no_control = True
+        args.snapshot_steps = ""
+    args.snapshot_steps = snapshot_steps(p, args)
     if args.warmup is None:
         args.warmup = min(100, max(1, args.steps // 10))
     return args
+
+
+def snapshot_steps(p: runs.Parser, args) -> list[int]:
+    """--snapshot-steps as a sorted list of steps, each inside the tiny pretraining."""
+    if args.snapshot_steps and args.model != "tiny":
+        p.error("--snapshot-steps is for the tiny model's pretraining (a real backbone's LoRA is merged once, at the end)")
+    if args.snapshot_steps == "auto":
+        return sorted({round(args.pretrain_steps * f) for f in (1 / 8, 1 / 4, 1 / 2, 3 / 4)} - {0, args.pretrain_steps})
+    try:
+        steps = sorted({int(n) for n in args.snapshot_steps.split(",") if n.strip()})
+    except ValueError:
+        p.error(f"--snapshot-steps: expected steps like 65,130,260 (or auto, or ''); got {args.snapshot_steps!r}")
+    if steps and not 1 <= steps[0] <= steps[-1] < args.pretrain_steps:
+        p.error(f"--snapshot-steps must lie between 1 and --pretrain-steps - 1 = {args.pretrain_steps - 1}; "
+                f"got {','.join(map(str, steps))} (the last step is base/ itself)")
+    return steps
 
 
 # ----------------------------------------------------------------------------- batches
@@ -260,6 +285,8 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
             with run.timed("optimizer"):
                 bf16_copy.weights_from_master()
         run.log_and_checkpoint(step, lr)
+        if step + 1 in args.snapshot_steps and distributed.is_main():  # a rung of the GRSL ladder
+            save_model(model, processor, runs.snapshot_folder(out, step + 1))
     model.eval()
 
     if args.profile_steps and args.model != "tiny":

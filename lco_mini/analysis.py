@@ -11,6 +11,8 @@ embeddings (the paper's analysis; analyze.py runs it per layer and per modality)
   mutual_knn(a, b)     do images and their captions have the same neighbours?
   cka(a, b), cknna     kernel alignment, globally and restricted to neighbours
   permutation_null     what those scores are with the pairing shuffled
+And the Generation-Representation Scaling Law (GRSL), across models of rising generative ability:
+  grsl_fit(gen, rep)   Pearson, Spearman and a least-squares line, with bootstrap intervals
 Tensors in, numbers out: no model code here.
 """
 from __future__ import annotations
@@ -207,3 +209,88 @@ def permutation_null(score_fn, a: torch.Tensor, b: torch.Tensor, n: int = 20, se
     scores = torch.tensor([score_fn(a, b[torch.randperm(len(b), generator=generator)]) for _ in range(n)],
                           dtype=torch.float64)
     return scores.mean().item(), scores.std().item()
+
+
+# ----------------------------------------------------------------------------- GRSL: the fit
+# The paper's law: the better an MLLM generates, the better it represents after the same text-only
+# CL. analyze.py grsl measures both on a ladder of models ("rungs"); the fit below says how strongly
+# and how surely they go together. Scores are per query (1 = right, 0 = wrong, or any number), so
+# the bootstrap can resample the queries.
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks along the last dimension, ties sharing their mean rank (Spearman's convention):
+    rank(x_i) = 1 + #(x_j < x_i) + (#(x_j == x_i) - 1) / 2."""
+    below = (x.unsqueeze(-1) > x.unsqueeze(-2)).sum(-1).to(x.dtype)
+    equal = (x.unsqueeze(-1) == x.unsqueeze(-2)).sum(-1).to(x.dtype)
+    return 1 + below + (equal - 1) / 2
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation along the last dimension; NaN where x or y is constant (undefined)."""
+    dx, dy = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    denominator = ((dx * dx).sum(-1) * (dy * dy).sum(-1)).sqrt()
+    r = (dx * dy).sum(-1) / denominator
+    return torch.where(denominator > 1e-12, r, torch.full_like(r, float("nan")))
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Spearman's rank correlation: Pearson of the average ranks."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def slope(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Least-squares slope of y on x, cov(x, y) / var(x); NaN where x is constant."""
+    dx, dy = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+    var = (dx * dx).sum(-1)
+    b = (dx * dy).sum(-1) / var
+    return torch.where(var > 1e-12, b, torch.full_like(b, float("nan")))
+
+
+def _interval(values: torch.Tensor, level: float) -> list[float] | None:
+    """Percentile interval of the defined bootstrap values; None when most replicates were undefined."""
+    defined = values[~values.isnan()]
+    if len(defined) < len(values) / 2:
+        return None
+    tail = (1 - level) / 2
+    return [torch.quantile(defined, tail).item(), torch.quantile(defined, 1 - tail).item()]
+
+
+def grsl_fit(gen: torch.Tensor, rep: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """How representation follows generation over R rungs of a ladder of models.
+
+    gen: [R, Qg] per-query generation scores (e.g. 1 when the captioning probe's top caption is
+    right), rep: [R, Qr] per-query representation scores (e.g. 1 when a query's caption ranks
+    first after CL). Row r is rung r; column q is the same held-out query on every rung. The
+    points are the row means; the fit gives Pearson r, Spearman rho, and the least-squares line
+    rep = intercept + slope * gen.
+
+    The intervals are percentile bootstraps over QUERIES: each replicate redraws Qg generation and
+    Qr representation queries with replacement (one draw shared by all rungs, since a query is the
+    same item everywhere), recomputes the points and the statistics. So they say how much the
+    result depends on which held-out items were asked (evaluation noise), not how it would vary
+    with another training seed: that takes more runs. A replicate whose points are constant on
+    one axis has no correlation; the interval is over the defined replicates ("undefined" counts
+    the others) and None when more than half are undefined. Draw order, for a reference
+    implementation: torch.randint(Qg, (n_boot, Qg)), then torch.randint(Qr, (n_boot, Qr)), from
+    one generator seeded with `seed`."""
+    gen, rep = gen.detach().double(), rep.detach().double()
+    if gen.ndim != 2 or rep.ndim != 2 or gen.shape[0] != rep.shape[0]:
+        raise ValueError(f"expected [R, Qg] and [R, Qr] with the same R rungs, got {tuple(gen.shape)} and {tuple(rep.shape)}")
+    if gen.shape[0] < 3:
+        raise ValueError(f"a fit needs at least 3 rungs, got {gen.shape[0]}")
+    if gen.shape[1] < 1 or rep.shape[1] < 1 or not (torch.isfinite(gen).all() and torch.isfinite(rep).all()):
+        raise ValueError("every rung needs at least one finite score per axis")
+    x, y = gen.mean(1), rep.mean(1)
+    b = slope(x, y).item()
+    fit = {"rungs": gen.shape[0], "generation": x.tolist(), "representation": y.tolist(),
+           "pearson": pearson(x, y).item(), "spearman": spearman(x, y).item(), "slope": b,
+           "intercept": (y.mean() - b * x.mean()).item(), "n_boot": n_boot, "level": level}
+    generator = torch.Generator().manual_seed(seed)
+    gen_draws = torch.randint(gen.shape[1], (n_boot, gen.shape[1]), generator=generator)
+    rep_draws = torch.randint(rep.shape[1], (n_boot, rep.shape[1]), generator=generator)
+    xs, ys = gen[:, gen_draws].mean(-1).T, rep[:, rep_draws].mean(-1).T  # [n_boot, R]
+    stats = {"pearson": pearson(xs, ys), "spearman": spearman(xs, ys), "slope": slope(xs, ys)}
+    for name, values in stats.items():
+        fit[name + "_ci"] = _interval(values, level)
+    fit["undefined"] = int(stats["pearson"].isnan().sum())
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in fit.items()}  # NaN -> None (JSON null)

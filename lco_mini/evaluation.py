@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini import tasks, world
-from lco_mini.analysis import mean_reciprocal_rank, recall_at_k, similarity
+from lco_mini.analysis import mean_reciprocal_rank, recall_at_k, similarity, target_ranks
 
 # task name -> (world modality, how to embed the query side)
 TASKS = {
@@ -60,6 +60,20 @@ def embed_queries(embedder, items: list, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown query kind {kind!r}")
 
 
+def embed_task(embedder, task: str, n: int, seed: int, split: str = "heldout"):
+    """One retrieval task's queries and candidates: (items, captions, targets, query and caption embeddings)."""
+    modality, kind = TASKS[task]
+    items, captions, targets = task_items(modality, n, seed, split)
+    return items, captions, targets, embed_queries(embedder, items, kind), embedder.embed_texts(captions)
+
+
+def retrieval_ranks(embedder, task: str, n: int = 300, seed: int = 1234, split: str = "heldout") -> torch.Tensor:
+    """0-based rank of each query's caption in `task` (ties pessimistic, as R@k): per-query scores,
+    so analyze.py grsl can bootstrap over queries. (rank < k).mean() is evaluate()'s R@k."""
+    _, _, targets, queries, candidates = embed_task(embedder, task, n, seed, split)
+    return target_ranks(queries, candidates, targets)
+
+
 def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
              attributes: bool = False) -> dict[str, dict[str, float]]:
     """Recall@1/@5 per task; also reports n (queries) and candidates (chance = 1/candidates).
@@ -76,9 +90,7 @@ def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
             results[task] = {"skipped": f"{type(getattr(embedder, 'processor', embedder)).__name__} takes no {needs}"}
             print(f"evaluation: skipping {task}: {results[task]['skipped']}")
             continue
-        items, captions, targets = task_items(modality, n, seed, split)
-        queries = embed_queries(embedder, items, kind)
-        candidates = embedder.embed_texts(captions)
+        items, captions, targets, queries, candidates = embed_task(embedder, task, n, seed, split)
         scores = recall_at_k(queries, candidates, targets)
         results[task] = {**scores, "n": len(items), "candidates": len(captions)}
         if attributes and modality != "document":
@@ -190,12 +202,25 @@ def captioning(model, processor, modality: str, n: int = 27, seed: int = 1234,
                split: str = "heldout") -> dict[str, float]:
     """Generative probe: for n items of `split`, rank the distinct candidate captions by likelihood
     under tasks.DESCRIBE[modality]; R@1 and, per attribute, how often the top caption has it right."""
-    items, captions, targets = task_items(modality, n, seed, split)
-    key = tasks.MEDIA_KEY[modality]
-    top = torch.stack([caption_nll(model, processor, {key: item.media, "instruction": tasks.DESCRIBE[modality]},
-                                   captions).argmin() for item in items])
+    items, captions, targets, nll = caption_nlls(model, processor, modality, n, seed, split)
+    top = nll.argmin(1)
     return {"R@1": (top == targets).double().mean().item(), "n": len(items), "candidates": len(captions),
             **attribute_accuracy(items, captions, top)}
+
+
+def caption_nlls(model, processor, modality: str, n: int = 27, seed: int = 1234, split: str = "heldout",
+                 progress=None):
+    """The probe's raw scores: (items, distinct captions, each item's caption index, NLL [n, captions]
+    of every caption as the answer to tasks.DESCRIBE[modality] about each item). `progress`, if
+    given, is called once per item (a progress bar's update)."""
+    items, captions, targets = task_items(modality, n, seed, split)
+    key = tasks.MEDIA_KEY[modality]
+    rows = []
+    for item in items:
+        rows.append(caption_nll(model, processor, {key: item.media, "instruction": tasks.DESCRIBE[modality]}, captions))
+        if progress:
+            progress()
+    return items, captions, targets, torch.stack(rows)
 
 
 def format_attributes(result: dict) -> str:

@@ -1,7 +1,8 @@
 """The analysis figures (analyze.py writes them): what a reader would rather look at than read.
 
-Every figure has the layer on x (0 = the token embeddings, last = the final layer, the one
-used as the embedding), one colour per modality or per model, and is written as a PNG.
+The per-layer figures have the layer on x (0 = the token embeddings, last = the final layer, the
+one used as the embedding), one colour per modality or per model. The GRSL figure has generation
+on x and representation on y, as the paper's. All are written as PNGs.
 """
 from __future__ import annotations
 
@@ -77,6 +78,45 @@ def alignment_figure(results: dict, path, title: str = "") -> None:
                 ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="best")
     fig.suptitle(title or "Kernel alignment per layer (dashed: permutation null, band: +- 2 std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def grsl_figure(rows: list[dict], fits: dict, paper: dict, path, title: str = "") -> None:
+    """One panel per modality: each rung of the ladder as a point (generation score on x,
+    representation after CL on y, labelled with its pretraining step) and the least-squares
+    line; a last panel with the paper's own points for reference.
+
+    rows: ladder.points(); fits: ladder.fit(); paper: {task: {model: (generation, representation)}}."""
+    modalities = list(fits)
+    fig, axes = plt.subplots(1, len(modalities) + 1, figsize=(3.4 * (len(modalities) + 1), 3.4), squeeze=False)
+    for ax, modality in zip(axes[0], modalities):
+        mine = [r for r in rows if r["modality"] == modality]
+        xs, ys = [r["generation"] for r in mine], [r["representation"] for r in mine]
+        ax.plot(xs, ys, "o", color="C0")
+        for r in mine:
+            ax.annotate(str(r["step"]), (r["generation"], r["representation"]), fontsize=7,
+                        textcoords="offset points", xytext=(3, 3))
+        f = fits[modality]
+        if f["slope"] is not None:
+            line = [min(xs), max(xs)]
+            ax.plot(line, [f["intercept"] + f["slope"] * x for x in line], color="C0", alpha=0.6)
+        rho = "n/a" if f["spearman"] is None else f"{f['spearman']:.2f}"
+        ax.set_title(f"{modality} (Spearman {rho})", fontsize=10)
+        ax.set_xlabel("caption R@1 of the base (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("X->text R@1 after text-only CL (%)")
+    ax = axes[0][-1]
+    for colour, (task, models) in zip(("C1", "C2", "C3"), paper.items()):
+        ax.plot([g for g, _ in models.values()], [r for _, r in models.values()], "s-", color=colour, label=task)
+    ax.set_title("the paper (3B-8B MLLMs)", fontsize=10)
+    ax.set_xlabel("generation score")
+    ax.set_ylabel("representation score")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.suptitle(title or "GRSL: generation of the base vs representation after the same text-only CL "
+                          "(points: pretraining steps)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

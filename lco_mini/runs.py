@@ -26,7 +26,8 @@ from lco_mini import backbone, checkpoint, data, distributed, evaluation
 from lco_mini.distributed import say
 
 # What each stage writes into --out (run_config.json, written by every run, is not a result).
-STAGE_OUTPUTS = {"pretrain": ["base", "init", "pretrain.ckpt.pt"],
+# base-step*: the snapshots of the tiny pretraining (--snapshot-steps), the GRSL ladder of analyze.py.
+STAGE_OUTPUTS = {"pretrain": ["base", "base-step*", "init", "pretrain.ckpt.pt"],
                  "contrastive": ["adapter", "merged", "control", "contrastive.ckpt.pt", "control.ckpt.pt", "eval.json"]}
 RUN_CONFIG = "run_config.json"  # not config.json: that name belongs to model folders
 
@@ -119,9 +120,21 @@ def _contains(folder: Path, path: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def snapshot_folder(out: Path, step: int) -> Path:
+    """Where the tiny pretraining leaves its model after `step` steps (the last one is out/base)."""
+    return out / f"base-step{step}"
+
+
 def written_by(args, out: Path) -> list[Path]:
     """Every path in --out this run may create or replace."""
-    return [out / RUN_CONFIG] + [out / name for stage in stages_run(args) for name in STAGE_OUTPUTS[stage]]
+    snapshots = [snapshot_folder(out, step) for step in args.snapshot_steps] if "pretrain" in stages_run(args) else []
+    return [out / RUN_CONFIG] + snapshots + [out / name for stage in stages_run(args)
+                                             for name in STAGE_OUTPUTS[stage] if "*" not in name]
+
+
+def existing_outputs(args, out: Path) -> list[Path]:
+    """What the stages of this run would replace that is already in --out (snapshots of any step)."""
+    return [path for stage in stages_run(args) for name in STAGE_OUTPUTS[stage] for path in sorted(out.glob(name))]
 
 
 def check_output_folder(args, out: Path) -> list[Path]:
@@ -134,7 +147,7 @@ def check_output_folder(args, out: Path) -> list[Path]:
             if _contains(path, source) or (source.is_dir() and _contains(source, path)):
                 raise RunError(f"--out {out}: this run would write {path}, which is or is inside {what} "
                                f"{source}; choose another --out")
-    existing = [out / name for stage in stages_run(args) for name in STAGE_OUTPUTS[stage] if (out / name).exists()]
+    existing = existing_outputs(args, out)
     if existing and not (args.resume or args.overwrite):
         raise RunError(f"{out}/ already holds a run ({', '.join(p.name for p in existing)}): pass --resume to "
                        f"continue it, --overwrite to replace it, or --out to write elsewhere")
