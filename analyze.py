@@ -88,12 +88,13 @@ def get_args(argv=None) -> argparse.Namespace:
     grsl = p.add_argument_group("grsl")
     grsl.add_argument("--quick", action="store_true", help="3 rungs (first, middle, last), 100 retrieval "
                       "queries, 12 probe items and 15 CL steps: a few minutes")
-    grsl.add_argument("--probe-n", type=int, default=None, help="captioning-probe items per modality (default: 40; quick: 12)")
+    grsl.add_argument("--probe-n", type=int, default=None,
+                      help="captioning-probe items per modality (default: 27, as evaluation.captioning; quick: 12)")
     grsl.add_argument("--steps", type=int, default=None, help="CL steps on every rung (default: the run's; quick: 15)")
     grsl.add_argument("--boot", type=int, default=1000, help="bootstrap replicates of the fit (default: 1000)")
     args = p.parse_args(argv)
     args.n = args.n or (100 if args.command == "grsl" and args.quick else 300)
-    args.probe_n = args.probe_n or (12 if args.quick else 40)
+    args.probe_n = args.probe_n or (12 if args.quick else 27)
     for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1), ("probe_n", 2), ("boot", 10)):
         if getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}")
@@ -282,18 +283,6 @@ def _cell(score, null) -> str:
 
 # ----------------------------------------------------------------------------- grsl: the ladder
 
-def grsl_rungs(args) -> list[tuple[int, Path]]:
-    """The run's ladder; with --quick its first, middle and last rung."""
-    try:
-        found = ladder.rungs(Path(args.run))
-    except ladder.LadderError as error:
-        fail(str(error))
-    if len(found) < 3:
-        fail(f"{args.run}: {len(found)} rung(s) ({', '.join(f.name for _, f in found)}); a fit needs 3. train.py leaves "
-             f"base-step{{N}}/ snapshots (--snapshot-steps, default auto); rerun it, with --out elsewhere to keep this run")
-    return [found[0], found[len(found) // 2], found[-1]] if args.quick else found
-
-
 def cl_args(args, config: dict):
     """train.py's options for the CL of every rung: the run's own contrastive options (seed, pairs,
     steps, lr, LoRA ...), with --steps or --quick's 15 steps if asked, and this machine's precision."""
@@ -364,7 +353,10 @@ def rung_result(args, cl, device, contrastive, step: int, folder: Path, bar) -> 
 
 def grsl(args) -> None:
     """The ladder, each rung measured (or read from the cache), the fit, grsl.json/.png, the table."""
-    rungs = grsl_rungs(args)
+    try:
+        rungs = ladder.rungs(Path(args.run), quick=args.quick)
+    except ladder.LadderError as error:
+        fail(str(error))
     config = json.loads((Path(args.run) / runs.RUN_CONFIG).read_text())
     cl, device = cl_args(args, config)
     out = Path(args.out)

@@ -114,9 +114,9 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="tiny pretraining: share of image/video/audio examples that are one-attribute questions")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
     p.add_argument("--snapshot-steps", metavar="N,N,...",
-                   help="tiny pretraining: also save the model after these steps, as base-step{N}/ (23 MB "
-                        "each at the default size; the ladder of `analyze.py grsl`). auto = 1/8, 1/4, 1/2, 3/4 of --pretrain-steps; "
-                        "'' = none (default: %(default)s)")
+                   help="tiny pretraining: also save the model after these steps, as base-step{N}/ "
+                        "(23 MB each at the default size; the ladder of `analyze.py grsl`). "
+                        "auto = 1/8, 1/4, 1/2, 3/4 of --pretrain-steps; '' = none (default: %(default)s)")
     # contrastive stage
     p.add_argument("--data", default=None, help="contrastive pairs jsonl (official format); default: the world's text pairs")
     p.add_argument("--steps", type=runs.number(low=1), help="contrastive steps (default: %(default)s)")

@@ -44,17 +44,22 @@ class LadderError(ValueError):
     """A run that leaves no ladder to measure (analyze.py prints it as one line)."""
 
 
-def rungs(run: Path) -> list[tuple[int, Path]]:
+def rungs(run: Path, quick: bool = False) -> list[tuple[int, Path]]:
     """(pretraining steps, model folder) of every rung a train.py run left, fewest steps first:
-    its snapshots base-step{N}/ and base/ itself (at --pretrain-steps, from run_config.json)."""
+    its snapshots base-step{N}/ and base/ itself (at --pretrain-steps, from run_config.json).
+    quick: only the first, middle and last rung."""
     run = Path(run)
     config = run / "run_config.json"
     if not (run / "base").is_dir() or not config.is_file():
         raise LadderError(f"{run}: no base/ and run_config.json; run `python train.py` first (or pass --run)")
     ladder = [(int(m.group(1)), folder) for folder in run.glob("base-step*")
               if folder.is_dir() and (m := re.fullmatch(r"base-step(\d+)", folder.name))]
-    ladder.append((json.loads(config.read_text())["pretrain_steps"], run / "base"))
-    return sorted(ladder)
+    ladder = sorted(ladder + [(json.loads(config.read_text())["pretrain_steps"], run / "base")])
+    if len(ladder) < 3:
+        raise LadderError(f"{run}: {len(ladder)} rung(s) ({', '.join(f.name for _, f in ladder)}); a fit needs 3. "
+                          "train.py leaves base-step{N}/ snapshots (--snapshot-steps, default auto): rerun it, "
+                          "with --out elsewhere to keep this run")
+    return [ladder[0], ladder[len(ladder) // 2], ladder[-1]] if quick else ladder
 
 
 def generation_scores(model, processor, n: int, seed: int, progress=None) -> dict[str, dict[str, list]]:

@@ -109,7 +109,8 @@ def grsl_figure(rows: list[dict], fits: dict, paper: dict, path, title: str = ""
     axes[0][0].set_ylabel("X->text R@1 after text-only CL (%)")
     ax = axes[0][-1]
     for colour, (task, models) in zip(("C1", "C2", "C3"), paper.items()):
-        ax.plot([g for g, _ in models.values()], [r for _, r in models.values()], "s-", color=colour, label=task)
+        xy = sorted(models.values())  # by generation score, so the line reads left to right
+        ax.plot([g for g, _ in xy], [r for _, r in xy], "s-", color=colour, label=task)
     ax.set_title("the paper (3B-8B MLLMs)", fontsize=10)
     ax.set_xlabel("generation score")
     ax.set_ylabel("representation score")
