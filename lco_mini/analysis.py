@@ -270,7 +270,7 @@ def grsl_fit(gen: torch.Tensor, rep: torch.Tensor, n_boot: int = 1000, seed: int
     result depends on which held-out items were asked (evaluation noise), not how it would vary
     with another training seed: that takes more runs. A replicate whose points are constant on
     one axis has no correlation; the interval is over the defined replicates ("undefined" counts
-    the others) and None when more than half are undefined. Draw order, for a reference
+    the others), and None when more than half are undefined or the statistic itself is. Draw order, for a reference
     implementation: torch.randint(Qg, (n_boot, Qg)), then torch.randint(Qr, (n_boot, Qr)), from
     one generator seeded with `seed`."""
     gen, rep = gen.detach().double(), rep.detach().double()
@@ -290,7 +290,7 @@ def grsl_fit(gen: torch.Tensor, rep: torch.Tensor, n_boot: int = 1000, seed: int
     rep_draws = torch.randint(rep.shape[1], (n_boot, rep.shape[1]), generator=generator)
     xs, ys = gen[:, gen_draws].mean(-1).T, rep[:, rep_draws].mean(-1).T  # [n_boot, R]
     stats = {"pearson": pearson(xs, ys), "spearman": spearman(xs, ys), "slope": slope(xs, ys)}
-    for name, values in stats.items():
-        fit[name + "_ci"] = _interval(values, level)
+    for name, values in stats.items():  # no interval around a point that is itself undefined
+        fit[name + "_ci"] = None if fit[name] != fit[name] else _interval(values, level)
     fit["undefined"] = int(stats["pearson"].isnan().sum())
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in fit.items()}  # NaN -> None (JSON null)

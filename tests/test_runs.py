@@ -201,7 +201,7 @@ def test_checks_that_must_come_before_anything_is_deleted(copy_of, tmp_path, cap
                           "--eval-data", out / "merged" / "held.jsonl"], "the --eval-data file")
     (out / "merged" / "held.jsonl").unlink()
     shutil.rmtree(out / "base")
-    before = {k: v for k, v in before.items() if not k.startswith("base")}
+    before = {k: v for k, v in before.items() if not k.startswith("base/")}  # base-step*/ stay
     refused_here(capsys, [*SMOKE, "--out", out, "--overwrite", "--stage", "contrastive"], "base does not exist")
     assert digest(out) == before  # merged/ and adapter/ survived
     refused_here(capsys, ["--seed", "-1", "--out", tmp_path / "s"], "--seed")
