@@ -39,7 +39,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -303,6 +302,7 @@ def cl_args(args, config: dict):
 
 
 def _rung_cache(args, cl, folder: Path) -> Path:
+    """Where one rung's scores are cached: keyed by the folder's contents and every option that shapes them."""
     options = [CACHE_VERSION, "grsl", str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
                {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]}]
     digest = hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:12]
@@ -335,10 +335,7 @@ def rung_trainer(args, cl, device):
 
 def rung_result(args, cl, device, contrastive, step: int, folder: Path, bar) -> dict:
     """One rung's scores, from the cache when this rung was measured with the same options."""
-    options = [CACHE_VERSION, "grsl", str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
-               {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]}]
-    digest = hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:12]
-    cache = Path(args.out) / "cache" / f"grsl-{folder.name}-{digest}.json"
+    cache = _rung_cache(args, cl, folder)
     if cache.is_file():
         bar.update(ladder.work(args.probe_n, cl.steps))
         return json.loads(cache.read_text())

@@ -93,6 +93,22 @@ def check_device(p: Parser, device: str | None) -> None:
         p.error(f"argument --device: {problem}")
 
 
+def snapshot_steps(p: Parser, args) -> list[int]:
+    """--snapshot-steps as a sorted list of steps, each inside the tiny pretraining."""
+    if args.snapshot_steps and args.model != "tiny":
+        p.error("--snapshot-steps is for the tiny model's pretraining (a real backbone's LoRA is merged once, at the end)")
+    if args.snapshot_steps == "auto":
+        return sorted({round(args.pretrain_steps * f) for f in (1 / 8, 1 / 4, 1 / 2, 3 / 4)} - {0, args.pretrain_steps})
+    try:
+        steps = sorted({int(n) for n in args.snapshot_steps.split(",") if n.strip()})
+    except ValueError:
+        p.error(f"--snapshot-steps: expected steps like 65,130,260 (or auto, or ''); got {args.snapshot_steps!r}")
+    if steps and not 1 <= steps[0] <= steps[-1] < args.pretrain_steps:
+        p.error(f"--snapshot-steps must lie between 1 and --pretrain-steps - 1 = {args.pretrain_steps - 1}; "
+                f"got {','.join(map(str, steps))} (the last step is base/ itself)")
+    return steps
+
+
 # ----------------------------------------------------------------------------- the output folder
 
 
