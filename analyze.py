@@ -6,6 +6,7 @@
     python analyze.py alignment --model Qwen/Qwen2.5-Omni-3B --data pairs.jsonl   # anchors vs positives
     python analyze.py grsl                  # the Generation-Representation Scaling Law on out/'s ladder
     python analyze.py grsl --quick          # 3 rungs, fewer queries and CL steps (a few minutes)
+    python analyze.py continual             # the SeaDoc analogue: continual pretraining on an unfamiliar script
 
 Generative pretraining already aligns the modalities inside an MLLM; text-only contrastive
 learning (CL) then makes that alignment usable for every modality at once. Two measures show
@@ -21,12 +22,16 @@ it, at every layer (last-token pooling with the embedding prompt, as the embeddi
                base-step{N}/ that train.py leaves, and base/); each gets the same text-only CL
                as the run's; caption R@1 (generation) against X->text R@1 (representation),
                fitted per modality with bootstrap intervals over the held-out queries.
+  continual    the paper's SeaDoc experiment: document retrieval in a script the base never
+               read (the world's invented "alien" digits), after text-only CL, with and without
+               a continual generative stage of reading that script first (lco_mini/continual.py).
 The data: the synthetic world's held-out items, one per distinct caption (items sharing a
 caption would be tied neighbours and inflate the overlap), or --data: a jsonl in the official
 format, its anchors against their positives, grouped by the anchor's kind.
 Outputs in --out (default out/analysis): anisotropy.json/.png, alignment.json/.png,
-grsl.json/.png (+ grsl-train.log, the CL log lines), and cache/ (the embeddings, per model and
-data, and the scores of each GRSL rung: a rerun, or one cut short, does not redo them).
+grsl.json/.png, continual.json/.png (+ grsl-train.log, continual-train.log: the training log
+lines), and cache/ (the embeddings per model and data, the scores of each GRSL rung and each
+continual arm, the continually pretrained base: a rerun, or one cut short, does not redo them).
 """
 from __future__ import annotations
 
@@ -39,16 +44,14 @@ import contextlib
 import hashlib
 import json
 import math
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import transformers
 from tqdm.auto import tqdm
 
-from lco_mini import analysis, checkpoint, data, ladder, plots, precision, runs, sources, tasks, world
+from lco_mini import analysis, checkpoint, continual, data, ladder, plots, rerun, runs, sources, tasks, world
 
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
@@ -70,13 +73,14 @@ class Parser(argparse.ArgumentParser):
 def get_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["anisotropy", "alignment", "grsl"], help="what to measure")
+    p.add_argument("command", choices=["anisotropy", "alignment", "grsl", "continual"], help="what to measure")
     p.add_argument("--model", action="append", default=None, metavar="DIR",
                    help="a model folder or hub id (repeatable); default: base, merged and control of --run")
     p.add_argument("--run", default="out", help="the train.py output folder the default models come from (default: out)")
     p.add_argument("--data", default=None, help="pairs jsonl (official format) instead of the synthetic world")
     p.add_argument("--n", type=int, default=None,
-                   help="items per modality at most; grsl: retrieval queries per modality (default: 300; grsl --quick: 100)")
+                   help="items per modality at most; grsl, continual: retrieval queries per modality "
+                        "(default: 300; with --quick: 100)")
     p.add_argument("--split", choices=world.SPLITS, default="heldout", help="world split (default: heldout)")
     p.add_argument("--seed", type=int, default=1234, help="which renderings of the world's items (default: 1234)")
     p.add_argument("--k", type=int, default=10, help="neighbours for mutual kNN and CKNNA (default: 10, as the paper)")
@@ -84,18 +88,25 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="out/analysis", help="output folder (default: out/analysis)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     p.add_argument("--batch-size", type=int, default=32, help="items per forward pass (default: 32)")
-    grsl = p.add_argument_group("grsl")
-    grsl.add_argument("--quick", action="store_true", help="3 rungs (first, middle, last), 100 retrieval "
-                      "queries, 12 probe items and 15 CL steps: a few minutes")
+    grsl = p.add_argument_group("grsl and continual")
+    grsl.add_argument("--quick", action="store_true", help="fewer of everything, a few minutes: grsl 3 rungs (first, "
+                      "middle, last); continual 100 steps; both 100 retrieval queries, 12 probe items, 15 CL steps")
     grsl.add_argument("--probe-n", type=int, default=None,
                       help="captioning-probe items per modality (default: 27, as evaluation.captioning; quick: 12)")
-    grsl.add_argument("--steps", type=int, default=None, help="CL steps on every rung (default: the run's; quick: 15)")
-    grsl.add_argument("--boot", type=int, default=1000, help="bootstrap replicates of the fit (default: 1000)")
+    grsl.add_argument("--steps", type=int, default=None, help="CL steps on every base (default: the run's; quick: 15)")
+    grsl.add_argument("--boot", type=int, default=1000, help="bootstrap replicates of intervals (default: 1000)")
+    grsl.add_argument("--continual-steps", type=int, default=None,
+                      help="continual: steps of reading the alien script (default: 300; quick: 100)")
+    grsl.add_argument("--continual-lr", type=float, default=4e-4,
+                      help="continual: peak lr of that stage (default: 4e-4, the tiny pretraining's)")
     args = p.parse_args(argv)
-    args.n = args.n or (100 if args.command == "grsl" and args.quick else 300)
+    args.n = args.n or (100 if args.command in ("grsl", "continual") and args.quick else 300)
     args.probe_n = args.probe_n or (12 if args.quick else 27)
-    for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1), ("probe_n", 2), ("boot", 10)):
-        if getattr(args, name) < low:
+    if not (args.continual_lr > 0 and math.isfinite(args.continual_lr)):
+        p.error(f"--continual-lr must be a positive number; got {args.continual_lr}")
+    for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1), ("probe_n", 2), ("boot", 10),
+                      ("steps", 1), ("continual_steps", 1)):
+        if getattr(args, name) is not None and getattr(args, name) < low:
             p.error(f"--{name.replace('_', '-')} must be at least {low}")
     return args
 
@@ -282,70 +293,59 @@ def _cell(score, null) -> str:
 
 # ----------------------------------------------------------------------------- grsl: the ladder
 
-def cl_args(args, config: dict):
-    """train.py's options for the CL of every rung: the run's own contrastive options (seed, pairs,
-    steps, lr, LoRA ...), with --steps or --quick's 15 steps if asked, and this machine's precision."""
-    import train  # the sibling script: the rungs get exactly its contrastive stage
-
-    cl = train.get_args(["--seed", str(config["seed"]), "--no-eval"])
-    vars(cl).update({key: config[key] for key in runs.RUN_KEYS["contrastive"] if key in config and key != "precision"})
-    steps = args.steps or (15 if args.quick else None)
-    if steps:
-        cl.steps, cl.warmup = steps, min(100, max(1, steps // 10))
-    cl.log_every, cl.device = 10 ** 9, args.device  # only the first and last step's lines, into grsl-train.log
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cl.precision, why = precision.choose(precision.DEFAULT, device)
-    if cl.precision != config.get("precision", cl.precision):
-        print(f"grsl: precision {cl.precision} here ({why}); the run used {config['precision']}, so the last rung "
-              f"will not reproduce its (b) exactly")
-    return cl, device
+def _cache_key(*parts) -> str:
+    return hashlib.sha1(json.dumps([CACHE_VERSION, *parts], default=str).encode()).hexdigest()[:12]
 
 
-def _rung_cache(args, cl, folder: Path) -> Path:
-    """Where one rung's scores are cached: keyed by the folder's contents and every option that shapes them."""
-    options = [CACHE_VERSION, "grsl", str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
-               {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]}]
-    digest = hashlib.sha1(json.dumps(options, default=str).encode()).hexdigest()[:12]
-    return Path(args.out) / "cache" / f"grsl-{folder.name}-{digest}.json"
+def _cached(path: Path, compute) -> dict:
+    """compute()'s JSON result, kept at `path` (written whole or not at all): a rerun, or one cut
+    short, does not compute it again."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".partial").write_text(json.dumps(result))
+    os.replace(path.with_suffix(".partial"), path)  # a cache file that exists is complete
+    return result
 
 
-def rung_trainer(args, cl, device):
-    """folder -> the run's text-only CL on it (train.py's own stage), LoRA merged; its log lines go
-    to grsl-train.log. Every rung starts from the RNG state the run's CL started from (the
-    pretraining checkpoint's), so all get the same LoRA initialisation and the last rung is the run's (b)."""
-    import train
-    from lco_mini import lora
-
-    state = checkpoint.load(Path(args.run) / "pretrain.ckpt.pt")
-    if state is None:
-        print(f"grsl: no {Path(args.run) / 'pretrain.ckpt.pt'}: every rung's CL starts from seed {cl.seed} instead")
-
-    def contrastive(folder: Path):
-        checkpoint.set_rng_state(state["rng"]) if state is not None else torch.manual_seed(cl.seed)
-        scratch = Path(tempfile.mkdtemp(prefix="lco_mini_grsl_"))  # the CL's checkpoints, deleted after
-        try:
-            with open(Path(args.out) / "grsl-train.log", "a") as log, contextlib.redirect_stdout(log):
-                print(f"--- {folder}")
-                model, processor = train.run_contrastive(cl, device, folder, scratch, None)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return lora.merge_lora(model), processor
-    return contrastive
+def _measured(args, cl, kind: str, folder: Path) -> Path:
+    """Where the scores of one model folder are cached: keyed by its contents and every option that shapes them."""
+    key = _cache_key(kind, str(folder.resolve()), _stamp(folder), args.n, args.probe_n,
+                     {key: getattr(cl, key) for key in runs.RUN_KEYS["contrastive"]})
+    return Path(args.out) / "cache" / f"{kind}-{folder.name}-{key}.json"
 
 
 def rung_result(args, cl, device, contrastive, step: int, folder: Path, bar) -> dict:
     """One rung's scores, from the cache when this rung was measured with the same options."""
-    cache = _rung_cache(args, cl, folder)
+    cache = _measured(args, cl, "grsl", folder)
     if cache.is_file():
         bar.update(ladder.work(args.probe_n, cl.steps))
-        return json.loads(cache.read_text())
-    result = ladder.measure_rung(folder, step, contrastive, device, probe_n=args.probe_n, n=args.n,
-                                 seed=cl.seed + 1234, steps=cl.steps, batch_size=args.batch_size,
-                                 max_text_tokens=cl.max_text_tokens, bar=bar)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.with_suffix(".partial").write_text(json.dumps(result))
-    os.replace(cache.with_suffix(".partial"), cache)  # a cache file that exists is complete
-    return result
+    return _cached(cache, lambda: ladder.measure_rung(
+        folder, step, contrastive, device, probe_n=args.probe_n, n=args.n, seed=cl.seed + 1234, steps=cl.steps,
+        batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar))
+
+
+def _run_config(run: Path) -> dict:
+    """The run_config.json of a train.py run that left a base/, or one line and exit 2."""
+    if not (run / "base").is_dir() or not (run / runs.RUN_CONFIG).is_file():
+        fail(f"{run}: no base/ and {runs.RUN_CONFIG}; run `python train.py` first (or pass --run)")
+    return json.loads((run / runs.RUN_CONFIG).read_text())
+
+
+def _experiment(args) -> tuple[dict, object, torch.device, Path]:
+    """What grsl and continual start with: the run's options, the CL every base will get (the run's
+    own, or --steps / --quick's 15 steps), the device, and the output folder, made."""
+    config = _run_config(Path(args.run))
+    cl, device = rerun.cl_args(config, args.device, args.steps or (15 if args.quick else None))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar says what happens
+    transformers.utils.logging.set_verbosity_error()
+    return config, cl, device, out
+
+
+BAR = "{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}"
 
 
 def grsl(args) -> None:
@@ -354,18 +354,12 @@ def grsl(args) -> None:
         rungs = ladder.rungs(Path(args.run), quick=args.quick)
     except ladder.LadderError as error:
         fail(str(error))
-    config = json.loads((Path(args.run) / runs.RUN_CONFIG).read_text())
-    cl, device = cl_args(args, config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    _, cl, device, out = _experiment(args)
     print(f"grsl: {len(rungs)} rungs ({', '.join(f.name for _, f in rungs)}); each: captioning probe on "
           f"{args.probe_n} items per modality, text-only CL ({cl.steps} steps, lr {cl.lr}, seed {cl.seed}), "
           f"retrieval on {args.n} queries per modality")
-    contrastive = rung_trainer(args, cl, device)
-    with tqdm(total=len(rungs) * ladder.work(args.probe_n, cl.steps),
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}") as bar:
+    contrastive = rerun.trainer(Path(args.run), cl, device, log=out / "grsl-train.log")
+    with tqdm(total=len(rungs) * ladder.work(args.probe_n, cl.steps), bar_format=BAR) as bar:
         results = [rung_result(args, cl, device, contrastive, step, folder, bar) for step, folder in rungs]
     rows, fits = ladder.points(results), ladder.fit(results, n_boot=args.boot)
     report = {"points": rows, "fit": fits, "run": args.run, "rungs": [f.name for _, f in rungs],
@@ -377,12 +371,70 @@ def grsl(args) -> None:
     print(f"\nwrote {out / 'grsl.json'} and {out / 'grsl.png'}")
 
 
+# ----------------------------------------------------------------------------- continual: the SeaDoc analogue
+
+def continual_base(args, run: Path, config: dict, steps: int, bar) -> Path:
+    """The run's base after the continual stage (train.py --continue-from, reading the alien script),
+    kept in --out's cache: a rerun with the same base and options does not train it again."""
+    import train  # the sibling script: the continual stage is its pretraining loop
+
+    key = _cache_key("continual-base", str((run / "base").resolve()), _stamp(run / "base"), steps,
+                     args.continual_lr, config["seed"])
+    folder = Path(args.out) / "cache" / f"continual-{key}"
+    if not (folder / "base").is_dir():
+        bar.set_description(f"continual pretraining: {steps} steps of reading the alien script")
+        argv = continual.continual_argv(run / "base", folder, steps, args.continual_lr, config["seed"])
+        with open(Path(args.out) / "continual-train.log", "a") as log, contextlib.redirect_stdout(log):
+            print(f"--- python train.py {' '.join(argv)}")
+            try:
+                train.main(argv + (["--overwrite"] if folder.exists() else []))  # a stage cut short starts again
+            except (train.TrainingError, runs.RunError) as error:
+                fail(f"continual pretraining: {error}")
+    bar.update(steps)
+    return folder / "base"
+
+
+def continual_experiment(args) -> None:
+    """(i) base -> CL against (ii) base -> continual pretraining on the alien script -> the same CL;
+    continual.json/.png and the table."""
+    run = Path(args.run)
+    if _run_config(run).get("model", "tiny") != "tiny":
+        fail(f"{run} trained another model: the alien script belongs to the tiny model's world; "
+             f"continual needs a `python train.py` run of the tiny model")
+    config, cl, device, out = _experiment(args)
+    steps = args.continual_steps or (100 if args.quick else 300)
+    print(f"continual: (i) {run / 'base'} -> text-only CL, against (ii) the same base -> {steps} steps of reading "
+          f"the alien script (lr {args.continual_lr}) -> the same CL ({cl.steps} steps, lr {cl.lr}, seed "
+          f"{cl.seed}); reading probe on {args.probe_n} and retrieval on {args.n} held-out documents per script")
+    contrastive = rerun.trainer(run, cl, device, log=out / "continual-train.log")
+    with tqdm(total=steps + 2 * continual.work(args.probe_n, cl.steps), bar_format=BAR) as bar:
+        bases = {"cl_only": run / "base", "continual_then_cl": continual_base(args, run, config, steps, bar)}
+        arms = {}
+        for name, folder in bases.items():
+            cache = _measured(args, cl, f"continual-{name}", folder)
+            if cache.is_file():
+                bar.update(continual.work(args.probe_n, cl.steps))
+            arms[name] = _cached(cache, lambda: continual.measure_arm(
+                folder, contrastive, device, args.probe_n, args.n, seed=cl.seed + 1234, batch_size=args.batch_size,
+                max_text_tokens=cl.max_text_tokens, bar=bar))
+    report = {**continual.summary(arms, steps, n_boot=args.boot), "run": args.run,
+              "options": {"continual_steps": steps, "continual_lr": args.continual_lr, "retrieval_queries": args.n,
+                          "probe_items": args.probe_n, "cl_steps": cl.steps, "cl_lr": cl.lr, "seed": cl.seed,
+                          "precision": cl.precision, "quick": args.quick}}
+    (out / "continual.json").write_text(json.dumps(report, indent=1) + "\n")
+    plots.continual_figure(report, out / "continual.png")
+    print("\n" + continual.table(report))
+    print(f"\nwrote {out / 'continual.json'} and {out / 'continual.png'}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None) -> None:
     args = get_args(argv)
     if args.command == "grsl":
         return grsl(args)
+    if args.command == "continual":
+        return continual_experiment(args)
     models = model_list(args)
     try:
         groups = data_groups(args.data, args.n) if args.data else world_groups(args.n, args.split, args.seed)

@@ -113,6 +113,9 @@ def get_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pretrain-qa", type=runs.number(float, low=0, high=1), default=0.0,
                    help="tiny pretraining: share of image/video/audio examples that are one-attribute questions")
     p.add_argument("--pretrain-data", default=None, help="jsonl for continual generative pretraining of a real backbone")
+    p.add_argument("--continue-from", metavar="DIR",
+                   help="tiny: pretrain this tiny model further instead of a random init (continual pretraining; "
+                        "e.g. --pretrain-mix alien=1 reads the invented script, as analyze.py continual does)")
     p.add_argument("--snapshot-steps", metavar="N,N,...",
                    help="tiny pretraining: also save the model after these steps, as base-step{N}/ "
                         "(23 MB each at the default size; the ladder of `analyze.py grsl`). "
@@ -167,6 +170,8 @@ def get_args(argv=None) -> argparse.Namespace:
         p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
     if args.model == "tiny" and args.pretrain_data:
         p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
+    if args.continue_from and args.model != "tiny":
+        p.error("--continue-from is for the tiny model; a real backbone's continual pretraining starts from --model")
     if args.profile_steps:
         if args.resume:
             p.error("--profile-steps runs in a scratch folder: it cannot --resume")
@@ -227,8 +232,8 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
         if state is not None:  # the RNG as an uninterrupted run leaves pretraining: CL then draws the same
             checkpoint.set_rng_state(state["rng"])
         return base
-    if args.model == "tiny":
-        init = build_tiny_init(args, out)
+    if args.model == "tiny":  # from a random init, or from --continue-from (continual pretraining)
+        init = Path(args.continue_from) if args.continue_from else build_tiny_init(args, out)
         # fp32 master weights (AdamW on bf16 weights would lose small updates); see --precision
         model, processor = backbone.load(init, device=device, dtype=torch.float32)
         for p in model.parameters():  # from scratch: every weight, towers included, is trained

@@ -13,6 +13,7 @@ embeddings (the paper's analysis; analyze.py runs it per layer and per modality)
   permutation_null     what those scores are with the pairing shuffled
 And the Generation-Representation Scaling Law (GRSL), across models of rising generative ability:
   grsl_fit(gen, rep)   Pearson, Spearman and a least-squares line, with bootstrap intervals
+  mean_interval(v)     a bootstrap interval of a mean score (analyze.py continual)
 Tensors in, numbers out: no model code here.
 """
 from __future__ import annotations
@@ -294,3 +295,16 @@ def grsl_fit(gen: torch.Tensor, rep: torch.Tensor, n_boot: int = 1000, seed: int
         fit[name + "_ci"] = None if fit[name] != fit[name] else _interval(values, level)
     fit["undefined"] = int(stats["pearson"].isnan().sum())
     return {k: (None if isinstance(v, float) and v != v else v) for k, v in fit.items()}  # NaN -> None (JSON null)
+
+
+def mean_interval(values: torch.Tensor, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean of per-query scores (1/0 hits, or the paired
+    differences of two models on the same queries): how much the mean depends on which held-out
+    queries were asked. Draw order, for a reference: torch.randint(Q, (n_boot, Q)) from one
+    generator seeded with `seed`."""
+    values = torch.as_tensor(values).detach().double().flatten()
+    if len(values) == 0 or not torch.isfinite(values).all():
+        raise ValueError(f"mean_interval: expected one or more finite scores, got {values.tolist()[:8]}")
+    generator = torch.Generator().manual_seed(seed)
+    draws = torch.randint(len(values), (n_boot, len(values)), generator=generator)
+    return _interval(values[draws].mean(1), level)

@@ -40,9 +40,11 @@ TASKS = {
 }
 
 
-def task_items(modality: str, n: int, seed: int, split: str = "heldout") -> tuple[list, list[str], torch.Tensor]:
-    """n queries from `split`, their distinct canonical captions, and each query's caption index."""
-    items = world.items(modality, split, n, seed)
+def task_items(modality: str, n: int, seed: int, split: str = "heldout",
+               script: str = "latin") -> tuple[list, list[str], torch.Tensor]:
+    """n queries from `split`, their distinct canonical captions, and each query's caption index.
+    script: "alien" draws documents in the invented script (analyze.py continual)."""
+    items = world.items(modality, split, n, seed, script=script)
     captions = list(dict.fromkeys(item.captions[0] for item in items))
     index = {caption: i for i, caption in enumerate(captions)}
     return items, captions, torch.tensor([index[item.captions[0]] for item in items])
@@ -60,17 +62,18 @@ def embed_queries(embedder, items: list, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown query kind {kind!r}")
 
 
-def embed_task(embedder, task: str, n: int, seed: int, split: str = "heldout"):
+def embed_task(embedder, task: str, n: int, seed: int, split: str = "heldout", script: str = "latin"):
     """One retrieval task's queries and candidates: (items, captions, targets, query and caption embeddings)."""
     modality, kind = TASKS[task]
-    items, captions, targets = task_items(modality, n, seed, split)
+    items, captions, targets = task_items(modality, n, seed, split, script)
     return items, captions, targets, embed_queries(embedder, items, kind), embedder.embed_texts(captions)
 
 
-def retrieval_ranks(embedder, task: str, n: int = 300, seed: int = 1234, split: str = "heldout") -> torch.Tensor:
+def retrieval_ranks(embedder, task: str, n: int = 300, seed: int = 1234, split: str = "heldout",
+                    script: str = "latin") -> torch.Tensor:
     """0-based rank of each query's caption in `task` (ties pessimistic, as R@k): per-query scores,
     so analyze.py grsl can bootstrap over queries. (rank < k).mean() is evaluate()'s R@k."""
-    _, _, targets, queries, candidates = embed_task(embedder, task, n, seed, split)
+    _, _, targets, queries, candidates = embed_task(embedder, task, n, seed, split, script)
     return target_ranks(queries, candidates, targets)
 
 
@@ -209,11 +212,11 @@ def captioning(model, processor, modality: str, n: int = 27, seed: int = 1234,
 
 
 def caption_nlls(model, processor, modality: str, n: int = 27, seed: int = 1234, split: str = "heldout",
-                 progress=None):
+                 progress=None, script: str = "latin"):
     """The probe's raw scores: (items, distinct captions, each item's caption index, NLL [n, captions]
     of every caption as the answer to tasks.DESCRIBE[modality] about each item). `progress`, if
     given, is called once per item (a progress bar's update)."""
-    items, captions, targets = task_items(modality, n, seed, split)
+    items, captions, targets = task_items(modality, n, seed, split, script)
     key = tasks.MEDIA_KEY[modality]
     rows = []
     for item in items:
@@ -273,8 +276,8 @@ def main(argv=None) -> None:
             if attributes:
                 print(f"{task:<16} top caption right on: {attributes}")
         return
-    for modality in ("image", "video", "audio"):
-        if modality not in backbone.input_kinds(processor):
+    for modality in ("image", "video", "audio", "document"):
+        if tasks.MEDIA_KEY[modality] not in backbone.input_kinds(processor):
             print(f"{modality:<6} skipped: {type(processor).__name__} takes no {modality}")
             continue
         result = captioning(model, processor, modality, n=args.n, seed=args.seed, split=args.split)

@@ -123,6 +123,38 @@ def grsl_figure(rows: list[dict], fits: dict, paper: dict, path, title: str = ""
     plt.close(fig)
 
 
+def continual_figure(report: dict, path, title: str = "") -> None:
+    """One panel per script (the invented one first, then Latin): reading before CL, document->text
+    R@1 and R@5 after CL, for (i) base -> CL and (ii) base -> continual pretraining -> CL, each bar
+    with its 95% bootstrap interval over queries.
+
+    report: continual.summary() (per arm the alien scores, the Latin ones under "latin")."""
+    arms = {"cl_only": "(i) base -> CL", "continual_then_cl": "(ii) base -> continual -> CL"}
+    measures = {"reading": "reading\n(probe R@1, before CL)", "R@1": "doc->text R@1\n(after CL)",
+                "R@5": "doc->text R@5\n(after CL)"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    width = 0.38
+    for ax, script in zip(axes, ("alien", "latin")):
+        for i, (arm, label) in enumerate(arms.items()):
+            scores = report[arm] if script == "alien" else report[arm]["latin"]
+            heights = [scores[m] for m in measures]
+            errors = [[scores[m] - scores[m + "_ci"][0] for m in measures],
+                      [scores[m + "_ci"][1] - scores[m] for m in measures]]
+            xs = [x + (i - 0.5) * width for x in range(len(measures))]
+            ax.bar(xs, heights, width, yerr=errors, capsize=3, color=f"C{i}", label=label)
+        ax.set_xticks(range(len(measures)), list(measures.values()), fontsize=8)
+        ax.set_title(f"{'alien (never in the base pretraining)' if script == 'alien' else 'Latin'} digits, "
+                     f"held-out numbers", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(title or f"Continual generative pretraining ({report['steps']} steps of reading the alien script) "
+                          f"before the same text-only CL", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _nan(value) -> float:
     """JSON null (an undefined score, e.g. CKA of identical embeddings) -> NaN, which matplotlib skips."""
     return math.nan if value is None else value

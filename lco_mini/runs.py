@@ -36,7 +36,7 @@ SHARED_KEYS = ("model", "seed", "tiny_size", "weight_decay", "grad_clip", "lora_
                "max_text_tokens", "precision")
 RUN_KEYS = {
     "pretrain": SHARED_KEYS + ("pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "pretrain_task",
-                               "pretrain_mix", "pretrain_qa", "pretrain_data"),
+                               "pretrain_mix", "pretrain_qa", "pretrain_data", "continue_from"),
     "contrastive": SHARED_KEYS + ("data", "steps", "batch_size", "micro_batch", "hard_negatives", "multimodal_ratio",
                                   "temperature", "lr", "warmup"),
 }
@@ -125,6 +125,8 @@ def inputs_of(args, out: Path) -> dict[Path, str]:
         inputs[Path(args.model).expanduser()] = "the --model folder"
     elif args.model == "tiny" and "pretrain" not in stages_run(args):
         inputs[out / "base"] = "the pretrained base model"
+    if args.continue_from and "pretrain" in stages_run(args):
+        inputs[Path(args.continue_from).expanduser()] = "the --continue-from model"
     for flag, path in (("--data", args.data), ("--pretrain-data", args.pretrain_data), ("--eval-data", args.eval_data)):
         if path:
             inputs[Path(path).expanduser()] = f"the {flag} file"
@@ -225,6 +227,9 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | N
             raise RunError(" ".join(str(e).split())) from None
     elif "pretrain" not in stages and not (out / "base").is_dir():
         raise RunError(f"{out / 'base'} does not exist: run `python train.py --stage pretrain` first")
+    if args.continue_from and "pretrain" in stages and not (Path(args.continue_from) / "config.json").is_file():
+        raise RunError(f"--continue-from {args.continue_from}: not a model folder (no config.json); "
+                       f"pass a tiny model train.py wrote, such as out/base")
     pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
     pretrain_pairs = None
     if args.pretrain_data and "pretrain" in stages and args.model != "tiny":

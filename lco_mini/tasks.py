@@ -16,9 +16,12 @@ import random
 
 from lco_mini import world
 
-PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25}
+# "alien": documents in the invented script, kept out of the default mix for continual pretraining
+# (analyze.py continual: --continue-from a base, --pretrain-mix alien=1,...).
+PRETRAIN_MIX = {"image": 0.25, "video": 0.15, "audio": 0.2, "document": 0.15, "text": 0.25, "alien": 0.0}
 WORLD_MEDIA = ("image", "video", "audio", "document")  # the order matters: rng.choice draws by index
-MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio"}  # the model input each is
+MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "audio",
+             "alien": "image"}  # the model input each is
 
 
 # The generic instructions of the tiny model's pretraining ("describe" task) and of the captioning
@@ -26,7 +29,7 @@ MEDIA_KEY = {"image": "image", "document": "image", "video": "video", "audio": "
 # been asked to "summarize in one word", as a real MLLM's instruction tuning.
 DESCRIBE = {"image": "Describe the above image.", "video": "Describe the above video.",
             "audio": "Describe the above audio.", "document": "What does the above image say?",
-            "text": "Rephrase the above text."}
+            "alien": "What does the above image say?", "text": "Rephrase the above text."}
 
 # Short questions about one attribute, as in the visual/audio question answering of a real MLLM's
 # instruction data. The answer is the attribute's phrase, so the first answer token has to come from
@@ -45,7 +48,7 @@ QUESTIONS = {
 def questions(modality, attributes, k=0):
     """(question, answer) about each attribute of a combination; answers use synonym set k % 2.
 
-    Documents have none: reading the word ("What does the above image say?") is their question."""
+    Documents have none: reading the number ("What does the above image say?") is their question."""
     a = attributes
     kind = "image2" if modality == "image" and a.get("kind") == "two" else modality
     asked = dict(QUESTIONS.get(kind, {}))
@@ -79,13 +82,13 @@ def summary(item) -> str:
     """The answer to "Summarize the above ... in one word:" for a world item.
 
     The canonical caption with its content first: "red circle on the left", not "a red
-    circle ...", and for a document just its word. What matters is the first answer
+    circle ...", and for a document just its number. What matters is the first answer
     token: the last prompt position (the one that becomes the embedding) is trained to
     predict it, so it must be about the content. With a leading "a" for every item that
     position learned one constant and contrastive learning could barely move it.
     """
     if item.modality == "document":
-        return item.attributes["word"]
+        return item.attributes["number"]
     words = item.captions[0].split(" ", 1)
     return words[1] if words[0] in ("a", "an", "the") and len(words) == 2 else item.captions[0]
 
@@ -97,7 +100,8 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
     task="describe": captioning / OCR / paraphrasing with generic instructions (DESCRIBE),
     the target a random paraphrase of the item's caption. task="summary": every modality
     is trained to answer the embedding prompt itself with the item's summary (an ablation).
-    mix: the share of each modality ("text" = rephrasing a caption given as text input).
+    mix: the share of each modality ("text" = rephrasing a caption given as text input,
+    "alien" = reading documents in the invented script).
     qa: the share of image/video/audio examples that ask about one attribute instead
     ("What is the rhythm of the sound?" -> "beeping twice"), as VQA data does for a real MLLM.
     Either way image, audio and video learn to produce the *language* of their captions:
@@ -110,8 +114,9 @@ def world_caption_examples(n: int, seed: int, task: str = "describe", mix: dict[
     for modality, count in counts.items():
         if count <= 0:
             continue
-        source = rng.choice(WORLD_MEDIA) if modality == "text" else modality
-        for item in world.items(source, "train", count, seed=rng.randrange(2**31)):
+        source = rng.choice(WORLD_MEDIA) if modality == "text" else "document" if modality == "alien" else modality
+        script = "alien" if modality == "alien" else "latin"
+        for item in world.items(source, "train", count, seed=rng.randrange(2**31), script=script):
             inputs = {"text": rng.choice(item.captions)} if modality == "text" else {MEDIA_KEY[modality]: item.media}
             asked = questions(item.modality, item.attributes, rng.randrange(2)) if qa and modality != "text" else []
             if task == "summary":

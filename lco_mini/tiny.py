@@ -17,7 +17,7 @@ GPU, so the default model is made here, from the *real* transformers classes:
 
 The vision grid is chosen for the world's 64 x 64 images: 8 x 8 pixel patches give
 8 x 8 = 64 patches, and the 2 x 2 spatial merge hands 16 tokens to the language
-model (a 128 x 32 "document" image also gives 16). Audio clips are ~1 s: 100 mel
+model (a 64 x 16 "document" image gives 4, one per digit). Audio clips are ~1 s: 100 mel
 frames, one audio-tower window (`n_window` = 50 frames after the stride-2 conv),
 25 tokens for the language model.
 
@@ -216,8 +216,8 @@ GRID = dict(patch_size=8, merge_size=2, temporal_patch_size=2)  # 8 x 8 px patch
 
 
 def image_processor() -> Qwen2VLImageProcessor:
-    """Images: 32 x 32 px at least (4 tokens), 128 x 128 at most (64 tokens); a 64 x 64 scene
-    and a 128 x 32 document image pass through unchanged (16 tokens each)."""
+    """Images: 1024 px at least (32 x 32 or 64 x 16: 4 tokens), 128 x 128 at most (64 tokens); a 64 x 64 scene
+    and a 64 x 16 document image pass through unchanged (16 and 4 tokens)."""
     return Qwen2VLImageProcessor(min_pixels=32 * 32, max_pixels=128 * 128, **GRID)
 
 

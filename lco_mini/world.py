@@ -6,15 +6,15 @@ and videos; lco_mini's tiny model learns it from this small, compositional world
   image     one or two coloured shapes on a dark background, 64 x 64 RGB
   video     4 frames (64 x 64) of one shape moving, growing, shrinking or changing colour
   audio     1.0 s, 16 kHz mono sound events: pitch x timbre x rhythm x contour
-  document  a rendered word, 128 x 32 RGB, black on white, in the Latin script or in an
-            invented "alien" script (one procedurally drawn glyph per letter), reserved
-            for the continual-pretraining experiment
+  document  a rendered three-digit number, 64 x 16 RGB, black on white, in Latin digits or
+            in an invented "alien" script (one procedurally drawn glyph per digit), reserved
+            for the continual-pretraining experiment (analyze.py continual)
 
 Each item is a *combination* of attribute values (colour=red, shape=circle, size=small,
 position=left) with paraphrased captions (templates x synonyms: what text-only contrastive
 learning must learn to ignore) and a hard negative (the same template with ONE attribute
 changed: what it must learn to notice). A fixed held-out split holds back COMBINATIONS
-(colour x shape pairs, pitch x rhythm pairs, every fifth word); every value still occurs
+(colour x shape pairs, pitch x rhythm pairs, numbers whose digits sum to a multiple of 5); every value still occurs
 in training, so held-out retrieval measures compositional generalisation. Training
 negatives stay in the training split: no held-out caption reaches training text
 (only corpus(), which fits the tokenizer, lists every string).
@@ -76,27 +76,23 @@ TEMPLATES = {
               "in this video a {thing} is {motion}", "a short video: a {thing} {motion}"],
     "audio": ["a {pitch} {timbre}, {contour}, {rhythm}", "the sound of a {pitch} {timbre}, {contour} and {rhythm}",
               "{rhythm}: a {contour} {pitch} {timbre}", "audio of a {contour} {pitch} {timbre}, {rhythm}"],
-    "document": ["the word {word}", "a document that reads {word}", "text saying {word}",
-                 "a printed label: {word}"],
+    "document": ["the number {number}", "a document that reads {number}", "text saying {number}",
+                 "a printed label: {number}"],
 }
 N_PARAPHRASES = 4
-WORDS = """
-    act add age air all and ant arm art ask bag bed bee big bird blue boat book box boy bus cake
-    call car cat city cold cook cow cup dark day desk dog door duck ear east egg eye farm fast
-    fish five fly food fox frog game gift girl glad goat gold hand hat help hill home horse hot
-    ice ink jam jar jet job joy jump key kid king kite lake lamp leaf leg lion lip map milk moon
-    mouse name neck nest net new nine nose note oak oil old owl pan pen pig pink plan quick quiet
-    quiz rain red ring road rock room rope run sand sea seed ship shoe sing six sky snow sock song
-    star step sun swim table tall tea ten tent toy tree two van vase vest wall warm wave web west
-    wind wing wolf word yak yard yarn year yes young zebra zero zip zone zoo
-""".split()
+# Documents show numbers, not words: Qwen2's pre-tokenizer splits every number into single digits,
+# so a held-out number is a new combination of trained tokens. A held-out *word* would be one BPE
+# token that no training text ever contains, and no model could read it out (with English words
+# here, document->text stayed at chance in every column).
+NUMBERS = tuple(str(n) for n in range(100, 1000))
 HELDOUT_COLOUR_SHAPE = {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")}
 # Audio holds out pitch x rhythm: what is heard x when, which a sound carries independently (as an
 # image carries colour and shape). Pitch x timbre was held out first and failed: a low buzz's odd
 # harmonics reach as high as a high tone's, and after CL the top caption had the wrong pitch for 99%
 # of held-out sounds, the right one for 100% of trained combinations (evaluation.py --attributes).
 HELDOUT_PITCH_RHYTHM = {("low", "pulsing"), ("mid", "twice"), ("high", "steady")}
-HELDOUT_WORDS = set(WORDS[2::5])                          # ~20% of words; every letter stays in training
+# ~20% of numbers (180 of 900); every digit still occurs at every position in training.
+HELDOUT_NUMBERS = {n for n in NUMBERS if sum(map(int, n)) % 5 == 0}
 
 MODALITIES = ("text", "image", "video", "audio", "document")
 CAPTIONED = ("image", "video", "audio", "document")       # modalities with their own caption space
@@ -138,7 +134,7 @@ def _all_combinations(modality):
         return [dict(pitch=p, timbre=t, rhythm=r, contour=c)
                 for p, t, r, c in itertools.product(PITCH_HZ, TIMBRES, RHYTHMS, CONTOURS)]
     if modality == "document":
-        return [dict(word=w) for w in WORDS]
+        return [dict(number=n) for n in NUMBERS]
     raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
 
 
@@ -150,7 +146,7 @@ def is_heldout(modality, attributes):
         return any(pair in HELDOUT_COLOUR_SHAPE for pair in pairs)
     if modality == "audio":
         return (a["pitch"], a["rhythm"]) in HELDOUT_PITCH_RHYTHM
-    return a["word"] in HELDOUT_WORDS
+    return a["number"] in HELDOUT_NUMBERS
 
 
 @lru_cache(maxsize=None)
@@ -196,28 +192,18 @@ def caption(modality, attributes, k=0):
     return re.sub(r"\ba (?=[aeiou])", "an ", text)   # "a orange square" -> "an orange square"
 
 
-def _edit_distance(a, b):
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
 @lru_cache(maxsize=None)
 def _negative_keys(modality, key, split):
-    """Combinations that differ from `key` in exactly one attribute (documents: the nearest other words).
+    """Combinations that differ from `key` in exactly one attribute (documents: in exactly one digit).
 
     Training negatives stay inside the training split so held-out captions never reach training;
     held-out items may take negatives from anywhere."""
     allowed = set(_split_keys(modality, "train") + (_split_keys(modality, split) if split == "heldout" else ()))
     attributes = dict(key)
     if modality == "document":
-        others = [w for w in WORDS if w != attributes["word"] and _key({"word": w}) in allowed]
-        distance = {w: _edit_distance(attributes["word"], w) for w in others}
-        nearest = min(distance.values())
-        return tuple(_key({"word": w}) for w in others if distance[w] == nearest)
+        number = attributes["number"]
+        others = [number[:i] + d + number[i + 1:] for i in range(len(number)) for d in "0123456789"]
+        return tuple(_key({"number": n}) for n in others if n != number and _key({"number": n}) in allowed)
     candidates = [_key({**attributes, name: other}) for name, value in key if name != "kind"
                   for other in _values(modality, name) if other != value]
     return tuple(c for c in candidates if c in allowed)   # e.g. not two identical shapes
@@ -280,11 +266,11 @@ def text_pairs(split="train", n=1000, seed=0):
 
 
 def corpus():
-    """Every caption the world can produce (all paraphrases of all combinations) and the words: for the tokenizer.
+    """Every caption the world can produce (all paraphrases of all combinations): for the tokenizer.
 
     Instructions and questions are left out: the byte-level BPE spells them from pieces of these."""
     texts = [caption(m, a, k) for m in CAPTIONED for a in _all_combinations(m) for k in range(N_PARAPHRASES)]
-    return list(dict.fromkeys(texts + WORDS))
+    return list(dict.fromkeys(texts))
 
 
 def save_item(item, dir, stem, relative_to=None):

@@ -2,6 +2,9 @@
 (no hub) and saved to folders, so tests go through backbone.load(folder) like real use.
 Every test runs in fp32, train.py subprocesses included (lco_mini/precision.py)."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ["LCO_MINI_PRECISION"] = "fp32"  # before lco_mini.precision reads it
 
@@ -71,3 +74,24 @@ def qwen2_5_vl_dir(tmp_path_factory):
                   spatial_merge_size=2, temporal_patch_size=2, window_size=64, fullatt_block_indexes=[1])
     return _build_vl(tmp_path_factory.mktemp("qwen2_5_vl"), Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                      Qwen2_5_VLProcessor, vision)
+
+
+# ----------------------------------------------------------------------------- a smoke run of train.py
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE_RUN = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--eval-n", "12", "--no-control"]
+
+
+def train(args, **kwargs):
+    """python train.py ARGS in a subprocess (as a user runs it): stdout, stderr, returncode."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """A smoke run of 8 pretraining steps: snapshots at 1, 2, 4, 6 (auto), base/ at 8, merged/ after 3
+    CL steps (the GRSL ladder and the continual experiment's base)."""
+    out = tmp_path_factory.mktemp("ladder")
+    result = train([*SMOKE_RUN, "--out", str(out), "--pretrain-steps", "8", "--steps", "3"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

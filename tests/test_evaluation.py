@@ -43,8 +43,8 @@ class CaptionOracle:
 def test_oracle_scores_perfect_and_chance_uses_candidates(monkeypatch):
     oracle, draw = CaptionOracle(), evaluation.task_items
 
-    def draw_and_register(modality, n, seed, split="heldout"):
-        items, captions, targets = draw(modality, n, seed, split)
+    def draw_and_register(modality, n, seed, split="heldout", script="latin"):
+        items, captions, targets = draw(modality, n, seed, split, script)
         oracle.register(items)
         return items, captions, targets
 
@@ -85,8 +85,8 @@ def test_captioning_probe_ranks_by_likelihood(monkeypatch):
 
     draw = evaluation.task_items
 
-    def remember(modality, n, seed, split="heldout"):
-        items, captions, targets = draw(modality, n, seed, split)
+    def remember(modality, n, seed, split="heldout", script="latin"):
+        items, captions, targets = draw(modality, n, seed, split, script)
         drawn[:] = items
         return items, captions, targets
 

@@ -4,7 +4,6 @@ run's own (b) query by query."""
 import json
 import math
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +17,7 @@ sys.path.insert(0, str(ROOT))
 import analyze  # noqa: E402  (the script, imported for its main)
 from lco_mini import analysis, backbone, evaluation, ladder  # noqa: E402
 
-SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--eval-n", "12", "--no-control"]
-
-
-def train(args, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, **kwargs)
+from conftest import SMOKE_RUN as SMOKE, train  # noqa: E402  (smoke_run: a run of 8 pretraining steps)
 
 
 # ----------------------------------------------------------------------------- slow references
@@ -131,15 +125,6 @@ def test_grsl_fit_bad_input(gen, rep, message):
 
 
 # ----------------------------------------------------------------------------- the ladder: snapshots
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """A smoke run of 8 pretraining steps: snapshots at 1, 2, 4, 6 (auto), base/ at 8."""
-    out = tmp_path_factory.mktemp("ladder")
-    result = train([*SMOKE, "--out", str(out), "--pretrain-steps", "8", "--steps", "3"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
-
 
 def weights(folder):
     return backbone.load(folder, device="cpu")[0].state_dict()

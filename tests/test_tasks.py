@@ -49,5 +49,5 @@ def test_vl_backbones_get_no_audio_calibration_pairs():
 def test_summary_puts_the_content_first():
     item = world.items("image", "train", 1, seed=0)[0]
     assert not tasks.summary(item).startswith(("a ", "an ", "the "))
-    word = world.items("document", "train", 1, seed=0)[0]
-    assert tasks.summary(word) == word.attributes["word"]
+    document = world.items("document", "train", 1, seed=0)[0]
+    assert tasks.summary(document) == document.attributes["number"]

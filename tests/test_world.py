@@ -46,8 +46,8 @@ def test_heldout_combinations_never_in_train(modality):
     assert all(world.is_heldout(modality, a) for a in heldout)
     assert len(train) + len(heldout) == len(world._all_combinations(modality))
     assert 0.1 < len(heldout) / (len(train) + len(heldout)) < 0.35
-    # every attribute value still occurs in training, only the combination is new (for words: letters)
-    for name in {k for a in heldout for k in a} - {"word"}:
+    # every attribute value still occurs in training, only the combination is new (for numbers: digits)
+    for name in {k for a in heldout for k in a} - {"number"}:
         assert {a[name] for a in heldout if name in a} <= {a[name] for a in train if name in a}
     drawn = world.items(modality, "train", 2 * len(train), seed=1)
     assert {world._key(x.attributes) for x in drawn} == {world._key(a) for a in train}
@@ -59,9 +59,12 @@ def test_heldout_pairs_as_specified():
     assert pairs("video", "train").isdisjoint(world.HELDOUT_COLOUR_SHAPE)
     assert {(a["pitch"], a["rhythm"]) for a in world.combinations("audio", "train")}.isdisjoint(
         world.HELDOUT_PITCH_RHYTHM)
-    train_words = {a["word"] for a in world.combinations("document", "train")}
-    assert train_words.isdisjoint(world.HELDOUT_WORDS)
-    assert set("".join(train_words)) == set("abcdefghijklmnopqrstuvwxyz")
+    train_numbers = {a["number"] for a in world.combinations("document", "train")}
+    assert train_numbers.isdisjoint(world.HELDOUT_NUMBERS) and len(world.HELDOUT_NUMBERS) == 180
+    # every digit at every position is read in training: a held-out number is a new combination
+    for position in range(3):
+        digits = {n[position] for n in train_numbers}
+        assert digits == set("123456789" if position == 0 else "0123456789")
 
 
 @pytest.mark.parametrize("modality", world.MODALITIES)
@@ -103,7 +106,7 @@ def test_questions_worked_examples_and_answers_name_the_attribute():
     recolour = dict(colour="red", shape="cross", motion="recolour", colour2="blue")
     assert tasks.questions("video", recolour, 1) == [("What shape is it?", "plus sign"),
                                                      ("What does the shape do?", "turning from crimson to azure")]
-    assert tasks.questions("document", {"word": "cat"}) == []
+    assert tasks.questions("document", {"number": "407"}) == []
     for modality in ("image", "video", "audio"):
         for item in world.items(modality, "train", 40, seed=3):
             for k in (0, 1):
@@ -139,7 +142,7 @@ def test_negative_changes_exactly_one_attribute(modality, script):
 
 def _source_modality(item):
     """The caption space an item comes from (a text item borrows another modality's)."""
-    marker = {"kind": "image", "motion": "video", "pitch": "audio", "word": "document"}
+    marker = {"kind": "image", "motion": "video", "pitch": "audio", "number": "document"}
     return next(m for key, m in marker.items() if key in item.attributes)
 
 
@@ -225,19 +228,25 @@ def test_video_frames_are_even_differ_and_show_the_motion():
 
 
 def test_documents_in_both_scripts_render_differently():
-    glyphs = render._alien_glyphs()
-    assert len(glyphs) == 26 and len({g.tobytes() for g in glyphs.values()}) == 26
-    for word in ("cat", "zebra", "quiz"):
-        latin, _ = world.render_item("document", {"word": word}, seed=0, script="latin")
-        alien, _ = world.render_item("document", {"word": word}, seed=0, script="alien")
+    for script in world.SCRIPTS:
+        glyphs = render.glyphs(script)
+        assert sorted(glyphs) == list("0123456789") and len({g.tobytes() for g in glyphs.values()}) == 10
+        assert all(g.shape == (7, 5) and g.sum() >= 7 for g in glyphs.values())
+    latin_shapes = {g.tobytes() for g in render.glyphs("latin").values()}
+    assert latin_shapes.isdisjoint(g.tobytes() for g in render.glyphs("alien").values())
+    for number in ("407", "111", "989"):
+        latin, geometry = world.render_item("document", {"number": number}, seed=0, script="latin")
+        alien, _ = world.render_item("document", {"number": number}, seed=0, script="alien")
         latin, alien = np.array(latin), np.array(alien)
-        assert latin.shape == alien.shape == (32, 128, 3)
+        assert latin.shape == alien.shape == (16, 64, 3)
         assert set(np.unique(latin)) == {0, 255} and set(np.unique(alien)) == {0, 255}
         assert (latin != alien).any()
-        # ink width grows with the word length: one glyph per letter
-        for page, per_letter in ((latin, 12), (alien, 18)):
-            columns = np.flatnonzero((page == 0).any(axis=(0, 2)))
-            assert abs((columns[-1] - columns[0] + 1) - per_letter * len(word)) <= per_letter
+        # each glyph (x2: 14 x 10 px) is drawn whole, inside its own 16 x 16 cell (one merged vision token)
+        for digit, (x, y) in zip(number, geometry["offsets"]):
+            ink = latin[y:y + 14, x:x + 10, 0] == 0
+            assert (ink == np.kron(render.glyphs("latin")[digit], np.ones((2, 2), bool))).all()
+            assert x // 16 == (x + 9) // 16 and 0 <= y and y + 14 <= 16
+        assert (latin[..., 0] == 0).sum() == sum(2 * 2 * render.glyphs("latin")[d].sum() for d in number)
     docs = world.items("document", "train", 5, seed=0, script="alien")
     assert all(d.script == "alien" for d in docs)
 
@@ -273,7 +282,7 @@ def test_dump_writes_files_that_reload(tmp_path, capsys):
             assert rate == 16000 and wave.shape == (16000,)
         else:
             with Image.open(full) as image:
-                assert image.size in ((64, 64), (128, 32))
+                assert image.size in ((64, 64), (64, 16))
                 assert getattr(image, "n_frames", 1) == (4 if kind == "video_path" else 1)
     assert kinds == {"image_path", "video_path", "audio_path"}
     with Image.open(tmp_path / "overview.png") as overview:

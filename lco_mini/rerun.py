@@ -1,0 +1,64 @@
+"""A run's own text-only contrastive learning, rerun on another base model.
+
+analyze.py compares bases that differ in one thing only: the GRSL rungs (pretraining stopped at
+different steps) and the continual-pretraining arms (with and without reading an unfamiliar
+script first). Each base gets exactly the CL the train.py run gave its own base: the same options
+(seed, pairs, steps, lr, LoRA), train.py's own stage, and the same RNG state at the start, so the
+same LoRA initialisation and batches. Whatever differs after CL comes from the base.
+
+  cl_args(config, device, steps)   train.py's contrastive options as the run used them
+  trainer(run, cl, device, log)    base folder -> (the CL'd model, LoRA merged, its processor)
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lco_mini import checkpoint, precision, runs
+
+
+def cl_args(config: dict, device_name: str | None, steps: int | None = None):
+    """(train.py's options for the CL, the torch device): the run's contrastive options from its
+    run_config.json, `steps` CL steps if given (warm-up scaled as train.py does), this machine's
+    precision (said when it differs from the run's: the last GRSL rung then is not the run's (b))."""
+    import train  # the sibling script: every base gets exactly its contrastive stage
+
+    cl = train.get_args(["--seed", str(config["seed"]), "--no-eval"])
+    vars(cl).update({key: config[key] for key in runs.RUN_KEYS["contrastive"] if key in config and key != "precision"})
+    if steps:
+        cl.steps, cl.warmup = steps, min(100, max(1, steps // 10))
+    cl.log_every, cl.device = 10 ** 9, device_name  # only the first and last step's lines, into the log
+    device = torch.device(device_name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cl.precision, why = precision.choose(precision.DEFAULT, device)
+    if cl.precision != config.get("precision", cl.precision):
+        print(f"precision {cl.precision} here ({why}); the run used {config['precision']}, so CL on its own "
+              f"base will not reproduce its (b) exactly")
+    return cl, device
+
+
+def trainer(run: Path, cl, device, log: Path):
+    """folder -> the run's text-only CL on it (train.py's stage), LoRA merged; the CL's log lines are
+    appended to `log`. Every call starts from the RNG state the run's CL started from (the
+    pretraining checkpoint's), so every base gets the same LoRA initialisation."""
+    import train
+    from lco_mini import lora
+
+    state = checkpoint.load(Path(run) / "pretrain.ckpt.pt")
+    if state is None:
+        print(f"no {Path(run) / 'pretrain.ckpt.pt'}: every CL starts from seed {cl.seed} instead")
+
+    def contrastive(folder: Path):
+        checkpoint.set_rng_state(state["rng"]) if state is not None else torch.manual_seed(cl.seed)
+        scratch = Path(tempfile.mkdtemp(prefix="lco_mini_cl_"))  # the CL's checkpoints, deleted after
+        try:
+            with open(log, "a") as out, contextlib.redirect_stdout(out):
+                print(f"--- {folder}")
+                model, processor = train.run_contrastive(cl, device, folder, scratch, None)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return lora.merge_lora(model), processor
+    return contrastive
