@@ -99,11 +99,16 @@ def get_args(argv=None) -> argparse.Namespace:
                       help="continual: steps of reading the alien script (default: 300; quick: 100)")
     grsl.add_argument("--continual-lr", type=float, default=4e-4,
                       help="continual: peak lr of that stage (default: 4e-4, the tiny pretraining's)")
+    grsl.add_argument("--continual-share", type=float, default=0.5,
+                      help="continual: share of each batch that reads the alien script; the rest replays the "
+                           "run's pretraining mix (default: 0.5)")
     args = p.parse_args(argv)
     args.n = args.n or (100 if args.command in ("grsl", "continual") and args.quick else 300)
     args.probe_n = args.probe_n or (12 if args.quick else 27)
     if not (args.continual_lr > 0 and math.isfinite(args.continual_lr)):
         p.error(f"--continual-lr must be a positive number; got {args.continual_lr}")
+    if not 0 < args.continual_share <= 1:
+        p.error(f"--continual-share must be in (0, 1]; got {args.continual_share}")
     for name, low in (("n", 4), ("k", 1), ("null", 2), ("batch_size", 1), ("probe_n", 2), ("boot", 10),
                       ("steps", 1), ("continual_steps", 1)):
         if getattr(args, name) is not None and getattr(args, name) < low:
@@ -378,12 +383,13 @@ def continual_base(args, run: Path, config: dict, steps: int, bar) -> Path:
     kept in --out's cache: a rerun with the same base and options does not train it again."""
     import train  # the sibling script: the continual stage is its pretraining loop
 
-    key = _cache_key("continual-base", str((run / "base").resolve()), _stamp(run / "base"), steps,
+    mix = continual.continual_mix(config.get("pretrain_mix"), args.continual_share)
+    key = _cache_key("continual-base", str((run / "base").resolve()), _stamp(run / "base"), mix, steps,
                      args.continual_lr, config["seed"])
     folder = Path(args.out) / "cache" / f"continual-{key}"
     if not (folder / "base").is_dir():
-        bar.set_description(f"continual pretraining: {steps} steps of reading the alien script")
-        argv = continual.continual_argv(run / "base", folder, steps, args.continual_lr, config["seed"])
+        bar.set_description(f"continual pretraining: {steps} steps, {args.continual_share:.0%} reading the alien script")
+        argv = continual.continual_argv(run / "base", folder, mix, steps, args.continual_lr, config["seed"])
         with open(Path(args.out) / "continual-train.log", "a") as log, contextlib.redirect_stdout(log):
             print(f"--- python train.py {' '.join(argv)}")
             try:
@@ -403,8 +409,9 @@ def continual_experiment(args) -> None:
              f"continual needs a `python train.py` run of the tiny model")
     config, cl, device, out = _experiment(args)
     steps = args.continual_steps or (100 if args.quick else 300)
-    print(f"continual: (i) {run / 'base'} -> text-only CL, against (ii) the same base -> {steps} steps of reading "
-          f"the alien script (lr {args.continual_lr}) -> the same CL ({cl.steps} steps, lr {cl.lr}, seed "
+    print(f"continual: (i) {run / 'base'} -> text-only CL, against (ii) the same base -> {steps} steps of continual "
+          f"pretraining, {args.continual_share:.0%} of each batch reading the alien script (lr {args.continual_lr}) "
+          f"-> the same CL ({cl.steps} steps, lr {cl.lr}, seed "
           f"{cl.seed}); reading probe on {args.probe_n} and retrieval on {args.n} held-out documents per script")
     contrastive = rerun.trainer(run, cl, device, log=out / "continual-train.log")
     with tqdm(total=steps + 2 * continual.work(args.probe_n, cl.steps), bar_format=BAR) as bar:
@@ -415,10 +422,11 @@ def continual_experiment(args) -> None:
             if cache.is_file():
                 bar.update(continual.work(args.probe_n, cl.steps))
             arms[name] = _cached(cache, lambda: continual.measure_arm(
-                folder, contrastive, device, args.probe_n, args.n, seed=cl.seed + 1234, batch_size=args.batch_size,
-                max_text_tokens=cl.max_text_tokens, bar=bar))
+                folder, contrastive, device, args.probe_n, args.n, seed=cl.seed + 1234, cl_steps=cl.steps,
+                batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar))
     report = {**continual.summary(arms, steps, n_boot=args.boot), "run": args.run,
-              "options": {"continual_steps": steps, "continual_lr": args.continual_lr, "retrieval_queries": args.n,
+              "options": {"continual_steps": steps, "continual_lr": args.continual_lr,
+                          "continual_share": args.continual_share, "retrieval_queries": args.n,
                           "probe_items": args.probe_n, "cl_steps": cl.steps, "cl_lr": cl.lr, "seed": cl.seed,
                           "precision": cl.precision, "quick": args.quick}}
     (out / "continual.json").write_text(json.dumps(report, indent=1) + "\n")

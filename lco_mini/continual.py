@@ -8,15 +8,16 @@ The tiny world has its own low-resource script: documents in an invented "alien"
 (render.py), which the default pretraining never shows. Two arms start from the same base:
 
   cl_only            base -> the run's text-only CL
-  continual_then_cl  base -> continual pretraining: reading alien documents of *training* numbers
-                     ("What does the above image say?" -> "the number 407"; train.py
-                     --continue-from base --pretrain-mix alien=1) -> the same text-only CL
+  continual_then_cl  base -> continual pretraining: half of every batch reads alien documents of
+                     *training* numbers ("What does the above image say?" -> "the number 407"),
+                     the other half replays the base's own pretraining mix (train.py
+                     --continue-from base --pretrain-mix ...,alien=...) -> the same text-only CL
 
 and both are measured on *held-out* numbers in the alien script: reading (the captioning probe's
 R@1, before CL) and document -> text retrieval (R@1, R@5, after CL), and the same on Latin digits,
 which shows what the continual stage cost the script the base already read.
 
-  continual_argv(run, out, steps, lr, seed)   train.py's options for the continual stage
+  continual_argv(base, out, mix, steps, lr)   train.py's options for the continual stage
   measure_arm(folder, contrastive, ...)       one arm's per-query scores
   summary / table                             the JSON report and the printed table
 """
@@ -32,15 +33,25 @@ from lco_mini.tasks import PRETRAIN_MIX
 
 ARMS = ("cl_only", "continual_then_cl")
 SCRIPTS = ("alien", "latin")  # what the experiment is about first, then what the base already read
-ONLY_ALIEN = ",".join(f"{m}={float(m == 'alien')}" for m in PRETRAIN_MIX)  # alien=1.0, every other 0
 
 
-def continual_argv(base: Path, out: Path, steps: int, lr: float, seed: int, batch: int = 32) -> list[str]:
-    """train.py's command line for the continual stage: the tiny base pretrained further, on reading
-    alien documents only, all weights trained as in its pretraining (a tiny model has no frozen
-    towers worth keeping); no snapshots, no evaluation."""
+def continual_mix(base_mix: dict | None, alien: float) -> str:
+    """--pretrain-mix of the continual stage: `alien` of every batch reads the invented script, the
+    rest replays the base's own mix (its run_config.json's; the default when unknown). Without the
+    replay, 100 steps of alien documents alone taught the alien script perfectly and erased the
+    Latin one (probe R@1 100 % -> 0 %), and CL afterwards barely trained (docs/experiments.md)."""
+    mix = {m: share for m, share in (base_mix or PRETRAIN_MIX).items() if m != "alien"}
+    total = sum(mix.values())
+    shares = {**{m: (1 - alien) * share / total for m, share in mix.items()}, "alien": alien}
+    return ",".join(f"{m}={share:.6g}" for m, share in shares.items())
+
+
+def continual_argv(base: Path, out: Path, mix: str, steps: int, lr: float, seed: int, batch: int = 32) -> list[str]:
+    """train.py's command line for the continual stage: the tiny base pretrained further on `mix`
+    (continual_mix), all weights trained as in its pretraining (a tiny model has no frozen towers
+    worth keeping); no snapshots, no evaluation."""
     return ["--stage", "pretrain", "--continue-from", str(base), "--out", str(out), "--seed", str(seed),
-            "--pretrain-mix", ONLY_ALIEN, "--pretrain-steps", str(steps), "--pretrain-lr", str(lr),
+            "--pretrain-mix", mix, "--pretrain-steps", str(steps), "--pretrain-lr", str(lr),
             "--pretrain-batch", str(batch), "--pretrain-warmup", str(max(1, steps // 20)),
             "--snapshot-steps", "", "--log-every", str(max(1, steps // 4))]
 
@@ -50,8 +61,8 @@ def work(probe_n: int, cl_steps: int) -> int:
     return len(SCRIPTS) * (probe_n + 1) + cl_steps
 
 
-def measure_arm(folder: Path, contrastive, device, probe_n: int, n: int, seed: int, batch_size: int = 32,
-                max_text_tokens: int | None = None, bar=None) -> dict:
+def measure_arm(folder: Path, contrastive, device, probe_n: int, n: int, seed: int, cl_steps: int,
+                batch_size: int = 32, max_text_tokens: int | None = None, bar=None) -> dict:
     """One arm: reading (the captioning probe, per held-out item) of the base in `folder`, then
     `contrastive(folder)` (the run's text-only CL, merged), then document -> text ranks per query.
     Both in the alien and the Latin script. JSON-ready; `bar` (a tqdm) advances by work()."""
@@ -69,7 +80,7 @@ def measure_arm(folder: Path, contrastive, device, probe_n: int, n: int, seed: i
     del model
     say(f"{folder.parent.name}/{folder.name}: text-only CL")
     trained, processor = contrastive(folder)
-    tick()  # the CL itself
+    tick(cl_steps)
     say(f"{folder.parent.name}/{folder.name}: retrieval after CL")
     kwargs = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
     embedder = backbone.Embedder(trained, processor, batch_size=batch_size, device=device, progress=False, **kwargs)
@@ -113,8 +124,10 @@ def table(report: dict) -> str:
     """The two arms side by side, per script: reading before CL, R@1 and R@5 after CL (%)."""
     names = {"cl_only": "(i) base -> CL", "continual_then_cl": "(ii) base -> continual -> CL"}
     fmt = lambda s, key: f"{s[key]:5.1f} [{s[key + '_ci'][0]:4.1f}, {s[key + '_ci'][1]:4.1f}]"  # noqa: E731
-    lines = [f"documents of held-out numbers; continual stage: {report['steps']} steps of reading the alien "
-             f"script; 95% bootstrap intervals over queries",
+    share = report.get("options", {}).get("continual_share")
+    lines = [f"documents of held-out numbers; continual stage: {report['steps']} steps"
+             + (f", {share:.0%} of each batch reading the alien script" if share else "")
+             + "; 95% bootstrap intervals over queries",
              f"{'script':<8}{'arm':<32}{'reading (probe R@1)':>22}{'doc->text R@1':>22}{'doc->text R@5':>22}"]
     for script in SCRIPTS:
         for arm in ARMS:

@@ -49,7 +49,7 @@ def test_mean_interval_worked_cases():
 
 
 def test_alien_in_the_mix_reads_the_invented_script():
-    examples = tasks.world_caption_examples(10, seed=4, mix=tasks.parse_mix(continual.ONLY_ALIEN))
+    examples = tasks.world_caption_examples(10, seed=4, mix=tasks.parse_mix(continual.continual_mix(None, 1.0)))
     assert len(examples) == 10
     ink = {script: [] for script in ("drawn", "alien", "latin")}
     for item, target in examples:
@@ -60,6 +60,21 @@ def test_alien_in_the_mix_reads_the_invented_script():
             ink[script].append(sum(4 * render.glyphs(script)[d].sum() for d in number))
     assert ink["drawn"] == ink["alien"] != ink["latin"]
     assert tasks.PRETRAIN_MIX["alien"] == 0  # the default pretraining never shows the alien script
+
+
+def test_continual_mix_reads_the_alien_script_and_replays_the_base_mix():
+    base = {"image": 0.5, "video": 0.0, "audio": 0.25, "document": 0.25, "text": 0.0, "alien": 0.0}
+    mix = tasks.parse_mix(continual.continual_mix(base, 0.4))
+    assert mix == pytest.approx({"image": 0.3, "video": 0.0, "audio": 0.15, "document": 0.15, "text": 0.0, "alien": 0.4})
+    default = tasks.parse_mix(continual.continual_mix(None, 0.5))  # an unknown base mix: the default one
+    assert default["alien"] == pytest.approx(0.5)
+    assert default["image"] / default["text"] == pytest.approx(tasks.PRETRAIN_MIX["image"] / tasks.PRETRAIN_MIX["text"])
+    alien = 0
+    for item, target in tasks.world_caption_examples(32, seed=1, mix=default):
+        if item.get("instruction") == tasks.DESCRIBE["document"]:
+            ink = (np.array(item["image"])[..., 0] == 0).sum()
+            alien += ink == sum(4 * render.glyphs("alien")[d].sum() for d in re.search(r"\d{3}", target).group())
+    assert alien == 16  # half of every batch reads the alien script
 
 
 def test_summary_and_table_worked_case():
@@ -89,7 +104,8 @@ def digest(folder: Path) -> str:
 
 def test_continue_from_pretrains_a_base_further_and_never_writes_it(smoke_run, tmp_path):
     before = digest(smoke_run / "base")
-    argv = continual.continual_argv(smoke_run / "base", tmp_path / "cont", steps=3, lr=4e-4, seed=0, batch=8)
+    mix = continual.continual_mix(json.loads((smoke_run / "run_config.json").read_text())["pretrain_mix"], 0.5)
+    argv = continual.continual_argv(smoke_run / "base", tmp_path / "cont", mix, steps=3, lr=4e-4, seed=0, batch=8)
     result = train(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest(smoke_run / "base") == before  # the input is read, never written
