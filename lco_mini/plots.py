@@ -147,10 +147,12 @@ def continual_figure(report: dict, path, title: str = "") -> None:
                      f"held-out numbers", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("%")
-    axes[0].legend(fontsize=8, loc="upper left")
-    fig.suptitle(title or f"Continual generative pretraining ({report['steps']} steps of reading the alien script) "
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
+    share = report.get("options", {}).get("continual_share")
+    reading = f", {share:.0%} of each batch reading the alien script" if share else ""
+    fig.suptitle(title or f"Continual generative pretraining ({report['steps']} steps{reading}) "
                           f"before the same text-only CL", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))  # room for the legend below the panels
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
