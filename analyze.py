@@ -219,18 +219,19 @@ def grsl(args) -> None:
 
 # ----------------------------------------------------------------------------- continual: the SeaDoc analogue
 
-def continual_base(args, run: Path, config: dict, steps: int, bar) -> Path:
+def continual_base(args, run: Path, config: dict, steps: int, precision_used: str, bar) -> Path:
     """The run's base after the continual stage (train.py --continue-from, reading the alien script),
     kept in --out's cache: a rerun with the same base and options does not train it again."""
     import train  # the sibling script: the continual stage is its pretraining loop
 
     mix = continual.continual_mix(config.get("pretrain_mix"), args.continual_share)
     key = _cache_key("continual-base", str((run / "base").resolve()), geometry.stamp(run / "base"), mix, steps,
-                     args.continual_lr, config["seed"])
+                     args.continual_lr, config["seed"], precision_used)
     folder = Path(args.out) / "cache" / f"continual-{key}"
     if not (folder / "base").is_dir():
         bar.set_description(f"continual pretraining: {steps} steps, {args.continual_share:.0%} reading the alien script")
-        argv = continual.continual_argv(run / "base", folder, mix, steps, args.continual_lr, config["seed"])
+        argv = continual.continual_argv(run / "base", folder, mix, steps, args.continual_lr, config["seed"],
+                                        device=args.device) + ["--precision", precision_used]
         with open(Path(args.out) / "continual-train.log", "a") as log, contextlib.redirect_stdout(log):
             print(f"--- python train.py {' '.join(argv)}")
             try:
@@ -256,7 +257,7 @@ def continual_experiment(args) -> None:
           f"{cl.seed}); reading probe on {args.probe_n} and retrieval on {args.n} held-out documents per script")
     contrastive = rerun.trainer(run, cl, device, log=out / "continual-train.log")
     with tqdm(total=steps + 2 * continual.work(args.probe_n, cl.steps), bar_format=BAR) as bar:
-        bases = {"cl_only": run / "base", "continual_then_cl": continual_base(args, run, config, steps, bar)}
+        bases = {"cl_only": run / "base", "continual_then_cl": continual_base(args, run, config, steps, cl.precision, bar)}
         arms = {}
         for name, folder in bases.items():
             cache = _measured(args, cl, f"continual-{name}", folder)

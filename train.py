@@ -5,7 +5,7 @@ language-centric (text-only) contrastive learning with LoRA.
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
-    python train.py --stage pretrain --continue-from out/base --pretrain-mix alien=1 --pretrain-steps 300 \
+    python train.py --stage pretrain --continue-from out/base --pretrain-mix alien=1 --pretrain-steps 300 \\
         --out out_alien                               # tiny continual pretraining: half of each batch the alien script
     python train.py --model Qwen/Qwen2.5-VL-3B-Instruct --stage contrastive --data pairs.jsonl \\
         --batch-size 1056 --micro-batch 32 --lr 4e-4 --steps 2000

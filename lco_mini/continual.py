@@ -17,7 +17,8 @@ and both are measured on *held-out* numbers in the alien script: reading (the ca
 R@1, before CL) and document -> text retrieval (R@1, R@5, after CL), and the same on Latin digits,
 which shows what the continual stage cost the script the base already read.
 
-  continual_argv(base, out, mix, steps, lr)   train.py's options for the continual stage
+  continual_mix(base_mix, alien)              the stage's --pretrain-mix: the alien script + replay
+  continual_argv(base, out, mix, ...)         train.py's options for the continual stage
   measure_arm(folder, contrastive, ...)       one arm's per-query scores
   summary / table                             the JSON report and the printed table
 """
@@ -46,11 +47,12 @@ def continual_mix(base_mix: dict | None, alien: float) -> str:
     return ",".join(f"{m}={share:.6g}" for m, share in shares.items())
 
 
-def continual_argv(base: Path, out: Path, mix: str, steps: int, lr: float, seed: int, batch: int = 32) -> list[str]:
+def continual_argv(base: Path, out: Path, mix: str, steps: int, lr: float, seed: int, batch: int = 32,
+                   device: str | None = None) -> list[str]:
     """train.py's command line for the continual stage: the tiny base pretrained further on `mix`
     (continual_mix), all weights trained as in its pretraining (a tiny model has no frozen towers
     worth keeping); no snapshots, no evaluation."""
-    return ["--stage", "pretrain", "--continue-from", str(base), "--out", str(out), "--seed", str(seed),
+    return (["--device", device] if device else []) + ["--stage", "pretrain", "--continue-from", str(base), "--out", str(out), "--seed", str(seed),
             "--pretrain-mix", mix, "--pretrain-steps", str(steps), "--pretrain-lr", str(lr),
             "--pretrain-batch", str(batch), "--pretrain-warmup", str(max(1, steps // 20)),
             "--snapshot-steps", "", "--log-every", str(max(1, steps // 4))]

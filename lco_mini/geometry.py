@@ -28,7 +28,7 @@ class GeometryError(ValueError):
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
             "cknna": lambda a, b, k: analysis.cknna(a, b, k)}
-CACHE_VERSION = 1  # bump when what is embedded changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when what is embedded changes, so old caches are not reused (2: documents are numbers)
 
 
 # ----------------------------------------------------------------------------- which items

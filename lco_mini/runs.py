@@ -160,12 +160,12 @@ def check_output_folder(args, out: Path) -> list[Path]:
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out}: is a file, not a folder")
     inputs = inputs_of(args, out)
-    for path in written_by(args, out):
+    existing = existing_outputs(args, out)  # what --overwrite would delete (every base-step*, say)
+    for path in written_by(args, out) + existing:
         for source, what in inputs.items():
             if _contains(path, source) or (source.is_dir() and _contains(source, path)):
-                raise RunError(f"--out {out}: this run would write {path}, which is or is inside {what} "
+                raise RunError(f"--out {out}: this run would write or replace {path}, which is or is inside {what} "
                                f"{source}; choose another --out")
-    existing = existing_outputs(args, out)
     if existing and not (args.resume or args.overwrite):
         raise RunError(f"{out}/ already holds a run ({', '.join(p.name for p in existing)}): pass --resume to "
                        f"continue it, --overwrite to replace it, or --out to write elsewhere")

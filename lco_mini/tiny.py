@@ -17,7 +17,7 @@ GPU, so the default model is made here, from the *real* transformers classes:
 
 The vision grid is chosen for the world's 64 x 64 images: 8 x 8 pixel patches give
 8 x 8 = 64 patches, and the 2 x 2 spatial merge hands 16 tokens to the language
-model (a 64 x 16 "document" image gives 4, one per digit). Audio clips are ~1 s: 100 mel
+model (a 64 x 16 "document" image gives 4, one per 16-px cell: three digits and a blank). Audio clips are ~1 s: 100 mel
 frames, one audio-tower window (`n_window` = 50 frames after the stride-2 conv),
 25 tokens for the language model.
 

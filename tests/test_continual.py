@@ -137,6 +137,11 @@ def test_continue_from_bad_input_is_one_line(smoke_run, tmp_path, qwen2_vl_dir):
                     "--out", str(smoke_run), "--overwrite"])
     assert result.returncode == 2 and "--continue-from model" in result.stderr
     assert (smoke_run / "base" / "config.json").is_file()
+    # --overwrite would delete every base-step*/ of --out, this input among them: refused too
+    result = train([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(smoke_run / "base-step4"),
+                    "--out", str(smoke_run), "--overwrite"])
+    assert result.returncode == 2 and "--continue-from model" in result.stderr
+    assert (smoke_run / "base-step4" / "config.json").is_file() and (smoke_run / "base" / "config.json").is_file()
 
 
 # ----------------------------------------------------------------------------- analyze.py continual
@@ -158,6 +163,10 @@ def test_continual_writes_both_arms_and_a_plot(continual_report):
         assert 0 <= report[arm]["R@1"] <= report[arm]["R@5"] <= 100
     assert report["steps"] == 3 and report["options"]["cl_steps"] == 3  # the run's own CL steps
     assert (out / "continual.png").stat().st_size > 10_000
+    arms = {path.name.split("-")[1]: json.loads(path.read_text()) for path in (out / "cache").glob("continual-*.json")}
+    continued = Path(arms["continual_then_cl"]["base"])  # arm (ii) measured the continued base, in the cache
+    assert continued.name == "base" and continued.parent.parent == out / "cache" and (continued / "config.json").is_file()
+    assert Path(arms["cl_only"]["base"]).parent != continued.parent
     log = (out / "continual-train.log").read_text()
     assert "--continue-from" in log and "pretrain step     0" in log  # the continual stage's own log lines
 

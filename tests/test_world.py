@@ -136,6 +136,9 @@ def test_negative_changes_exactly_one_attribute(modality, script):
             assert x.negative not in x.captions
             changed = [k for k in x.attributes if x.attributes[k] != x.negative_attributes.get(k)]
             assert len(changed) == 1 and x.attributes.keys() == x.negative_attributes.keys()
+            if "number" in x.attributes:  # a document's one attribute: exactly one digit differs
+                pairs = zip(x.attributes["number"], x.negative_attributes["number"])
+                assert sum(a != b for a, b in pairs) == 1
             if split == "train":   # training text never contains a held-out combination
                 assert not world.is_heldout(_source_modality(x), x.negative_attributes)
 
