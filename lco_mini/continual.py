@@ -30,6 +30,7 @@ import torch
 
 from lco_mini import evaluation
 from lco_mini.analysis import mean_interval
+from lco_mini.rerun import embedder_after_cl
 from lco_mini.tasks import PRETRAIN_MIX
 
 ARMS = ("cl_only", "continual_then_cl")
@@ -81,11 +82,9 @@ def measure_arm(folder: Path, contrastive, device, probe_n: int, n: int, seed: i
         reading[script] = (nll.argmin(1) == targets).double().tolist()
     del model
     say(f"{folder.parent.name}/{folder.name}: text-only CL")
-    trained, processor = contrastive(folder)
+    embedder = embedder_after_cl(contrastive, folder, device, batch_size, max_text_tokens)
     tick(cl_steps)
     say(f"{folder.parent.name}/{folder.name}: retrieval after CL")
-    kwargs = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
-    embedder = backbone.Embedder(trained, processor, batch_size=batch_size, device=device, progress=False, **kwargs)
     ranks = {}
     for script in SCRIPTS:
         ranks[script] = evaluation.retrieval_ranks(embedder, "document->text", n, seed, script=script).tolist()

@@ -25,6 +25,7 @@ import torch
 
 from lco_mini import evaluation
 from lco_mini.analysis import grsl_fit
+from lco_mini.rerun import embedder_after_cl
 
 MODALITIES = ("image", "video", "audio", "document")
 TASK = {modality: f"{modality}->text" for modality in MODALITIES}
@@ -98,11 +99,9 @@ def measure_rung(folder: Path, step: int, contrastive, device, probe_n: int, n: 
     generation = generation_scores(model, processor, probe_n, seed, progress=tick)
     del model
     say(f"{folder.name}: text-only CL, {steps} steps")
-    trained, processor = contrastive(folder)
+    embedder = embedder_after_cl(contrastive, folder, device, batch_size, max_text_tokens)
     tick(steps)
     say(f"{folder.name}: retrieval after CL")
-    kwargs = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
-    embedder = backbone.Embedder(trained, processor, batch_size=batch_size, device=device, progress=False, **kwargs)
     representation = representation_ranks(embedder, n, seed)
     tick(len(MODALITIES))
     return {"rung": folder.name, "step": step, "generation": generation, "representation": representation}

@@ -8,6 +8,7 @@ same LoRA initialisation and batches. Whatever differs after CL comes from the b
 
   cl_args(config, device, steps)   train.py's contrastive options as the run used them
   trainer(run, cl, device, log)    base folder -> (the CL'd model, LoRA merged, its processor)
+  embedder_after_cl(...)           that model as an Embedder, for retrieval
 """
 from __future__ import annotations
 
@@ -62,3 +63,12 @@ def trainer(run: Path, cl, device, log: Path):
             shutil.rmtree(scratch, ignore_errors=True)
         return lora.merge_lora(model), processor
     return contrastive
+
+
+def embedder_after_cl(contrastive, folder: Path, device, batch_size: int = 32, max_text_tokens: int | None = None):
+    """`contrastive(folder)` (a trainer()), as a backbone.Embedder that cuts texts as the run did."""
+    from lco_mini import backbone  # lazy: backbone loads transformers' model code
+
+    trained, processor = contrastive(folder)
+    kwargs = {} if max_text_tokens is None else {"max_text_tokens": max_text_tokens}
+    return backbone.Embedder(trained, processor, batch_size=batch_size, device=device, progress=False, **kwargs)
