@@ -278,10 +278,10 @@ def main(argv=None) -> None:
         return
     for modality in ("image", "video", "audio", "document"):
         if tasks.MEDIA_KEY[modality] not in backbone.input_kinds(processor):
-            print(f"{modality:<6} skipped: {type(processor).__name__} takes no {modality}")
+            print(f"{modality:<8} skipped: {type(processor).__name__} takes no {modality}")
             continue
         result = captioning(model, processor, modality, n=args.n, seed=args.seed, split=args.split)
-        print(f"{modality:<6} caption R@1 {100 * result['R@1']:5.1f}% of {result['n']} "
+        print(f"{modality:<8} caption R@1 {100 * result['R@1']:5.1f}% of {result['n']} "
               f"({result['candidates']} candidates) | top caption right on: {format_attributes(result)}")
 
 
