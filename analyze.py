@@ -231,7 +231,7 @@ def continual_base(args, run: Path, config: dict, steps: int, precision_used: st
     if not (folder / "base").is_dir():
         bar.set_description(f"continual pretraining: {steps} steps, {args.continual_share:.0%} reading the alien script")
         argv = continual.continual_argv(run / "base", folder, mix, steps, args.continual_lr, config["seed"],
-                                        device=args.device) + ["--precision", precision_used]
+                                        device=args.device, precision=precision_used)
         with open(Path(args.out) / "continual-train.log", "a") as log, contextlib.redirect_stdout(log):
             print(f"--- python train.py {' '.join(argv)}")
             try:
@@ -246,7 +246,7 @@ def continual_experiment(args) -> None:
     """(i) base -> CL against (ii) base -> continual pretraining on the alien script -> the same CL;
     continual.json/.png and the table."""
     run = Path(args.run)
-    if _run_config(run).get("model", "tiny") != "tiny":
+    if _run_config(run).get("model", "tiny") != "tiny":  # before _experiment makes --out
         fail(f"{run} trained another model: the alien script belongs to the tiny model's world; "
              f"continual needs a `python train.py` run of the tiny model")
     config, cl, device, out = _experiment(args)

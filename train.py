@@ -165,28 +165,7 @@ def get_args(argv=None) -> argparse.Namespace:
                    help="size preset of the tiny model (smoke = for tests)")
     p.set_defaults(**recipe(argv))
     args = p.parse_args(argv)
-    runs.check_device(p, args.device)
-    if args.precision not in precision.CHOICES:  # a bad LCO_MINI_PRECISION (argparse checks only what is typed)
-        p.error(f"--precision must be one of {', '.join(precision.CHOICES)}; got {args.precision!r}")
-    if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
-        p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
-    if args.model == "tiny" and args.pretrain_data:
-        p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
-    if args.continue_from and args.model != "tiny":
-        p.error("--continue-from is for the tiny model; a real backbone's continual pretraining starts from --model")
-    if args.profile_steps:
-        if args.resume:
-            p.error("--profile-steps runs in a scratch folder: it cannot --resume")
-        if args.model == "tiny" and args.stage == "contrastive":
-            p.error("--profile-steps on the tiny model profiles --stage all or pretrain (contrastive needs its base)")
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-            p.error("--profile-steps runs in one process (not under torchrun)")
-        args.pretrain_steps = args.steps = args.profile_steps
-        args.no_eval = args.no_control = True
-        args.snapshot_steps = ""
-    args.snapshot_steps = runs.snapshot_steps(p, args)
-    if args.warmup is None:
-        args.warmup = min(100, max(1, args.steps // 10))
+    runs.settle_options(p, args)  # what argparse cannot check alone, and what --profile-steps implies
     return args
 
 

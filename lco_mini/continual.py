@@ -49,11 +49,12 @@ def continual_mix(base_mix: dict | None, alien: float) -> str:
 
 
 def continual_argv(base: Path, out: Path, mix: str, steps: int, lr: float, seed: int, batch: int = 32,
-                   device: str | None = None) -> list[str]:
+                   device: str | None = None, precision: str | None = None) -> list[str]:
     """train.py's command line for the continual stage: the tiny base pretrained further on `mix`
     (continual_mix), all weights trained as in its pretraining (a tiny model has no frozen towers
-    worth keeping); no snapshots, no evaluation."""
-    return (["--device", device] if device else []) + ["--stage", "pretrain", "--continue-from", str(base), "--out", str(out), "--seed", str(seed),
+    worth keeping); no snapshots, no evaluation. device, precision: train.py's defaults when None."""
+    chosen = [f"--{name}={value}" for name, value in (("device", device), ("precision", precision)) if value]
+    return chosen + ["--stage", "pretrain", "--continue-from", str(base), "--out", str(out), "--seed", str(seed),
             "--pretrain-mix", mix, "--pretrain-steps", str(steps), "--pretrain-lr", str(lr),
             "--pretrain-batch", str(batch), "--pretrain-warmup", str(max(1, steps // 20)),
             "--snapshot-steps", "", "--log-every", str(max(1, steps // 4))]

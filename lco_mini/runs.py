@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import math
 import operator
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation
+from lco_mini import backbone, checkpoint, data, distributed, evaluation, precision
 from lco_mini.distributed import say
 
 # What each stage writes into --out (run_config.json, written by every run, is not a result).
@@ -91,6 +92,34 @@ def check_device(p: Parser, device: str | None) -> None:
     problem = device_problem(device)
     if problem:
         p.error(f"argument --device: {problem}")
+
+
+def settle_options(p: Parser, args) -> None:
+    """train.py's options, checked together (one line and exit 2 for a combination that cannot run), and
+    completed: --profile-steps sets the steps and turns off evaluation and snapshots, --snapshot-steps
+    becomes a list of steps, --warmup defaults to 10% of the CL steps (at most 100)."""
+    check_device(p, args.device)
+    if args.precision not in precision.CHOICES:  # a bad LCO_MINI_PRECISION (argparse checks only what is typed)
+        p.error(f"--precision must be one of {', '.join(precision.CHOICES)}; got {args.precision!r}")
+    if args.stage == "pretrain" and args.model != "tiny" and not args.pretrain_data:
+        p.error("--stage pretrain on a real backbone needs --pretrain-data (a jsonl: anchor -> positive text)")
+    if args.model == "tiny" and args.pretrain_data:
+        p.error("--pretrain-data is for a real backbone (--model); the tiny model pretrains on its world")
+    if args.continue_from and args.model != "tiny":
+        p.error("--continue-from is for the tiny model; a real backbone's continual pretraining starts from --model")
+    if args.profile_steps:
+        if args.resume:
+            p.error("--profile-steps runs in a scratch folder: it cannot --resume")
+        if args.model == "tiny" and args.stage == "contrastive":
+            p.error("--profile-steps on the tiny model profiles --stage all or pretrain (contrastive needs its base)")
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            p.error("--profile-steps runs in one process (not under torchrun)")
+        args.pretrain_steps = args.steps = args.profile_steps
+        args.no_eval = args.no_control = True
+        args.snapshot_steps = ""
+    args.snapshot_steps = snapshot_steps(p, args)
+    if args.warmup is None:
+        args.warmup = min(100, max(1, args.steps // 10))
 
 
 def snapshot_steps(p: Parser, args) -> list[int]:
