@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train.py: idle threads sleep
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # see train.py: idle threads spin briefly, then sleep
 
 import argparse
 import contextlib

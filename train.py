@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import os
 
-# Idle OpenMP threads sleep instead of spinning. On a small CPU that is shared with anything
-# else (a second process, a test runner) spinning threads made every op up to 30x slower here.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# An idle OpenMP thread spins briefly (3,000 turns, microseconds) before it sleeps. Most ops here
+# are small, so the second thread is woken thousands of times a step: waking a sleeping thread made a
+# pretraining step 35% slower (OMP_WAIT_POLICY=PASSIVE), while spinning for long (libgomp's default,
+# 300,000 turns) made two runs sharing a 2-core CPU twice as slow. docs/experiments.md has the table;
+# running several jobs at once, set OMP_WAIT_POLICY=PASSIVE.
+os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import argparse
 import json
