@@ -254,3 +254,31 @@ def test_pretrain_qa_turns_media_examples_into_attribute_questions():
     assert len(answers) > 20 and all(len(a.split()) <= 6 for a in answers)  # one attribute, not a caption
     cli = train.get_args(["--pretrain-qa", "0.4"])
     assert cli.pretrain_qa == 0.4 and train.get_args([]).pretrain_qa == 0.0
+
+
+# How torch's OpenMP threads wait is read once, when torch loads libgomp: the scripts must set it
+# before anything imports torch, and must leave a value the user set alone.
+SPIN_PROBE = """
+import builtins, os, runpy, sys
+real_import = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and "GOMP_SPINCOUNT" not in os.environ:
+        sys.exit("torch was imported before GOMP_SPINCOUNT was set")
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = guarded
+runpy.run_path(sys.argv[1], run_name="imported")
+print(os.environ["GOMP_SPINCOUNT"])
+"""
+
+
+@pytest.mark.parametrize("script, preset, expected", [("train.py", None, "3000"), ("train.py", "7", "7"),
+                                                      ("analyze.py", None, "3000")])
+def test_openmp_spin_is_set_before_torch_loads_and_a_user_value_wins(script, preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env["PYTHONPATH"] = str(ROOT)
+    if preset is not None:
+        env["GOMP_SPINCOUNT"] = preset
+    result = subprocess.run([sys.executable, "-c", SPIN_PROBE, str(ROOT / script)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == expected
