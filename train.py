@@ -33,10 +33,10 @@ from __future__ import annotations
 import os
 
 # An idle OpenMP thread spins briefly (3,000 turns, microseconds) before it sleeps. Most ops here
-# are small, so the second thread is woken thousands of times a step: waking a sleeping thread made a
-# pretraining step 35% slower (OMP_WAIT_POLICY=PASSIVE), while spinning for long (libgomp's default,
-# 300,000 turns) made two runs sharing a 2-core CPU twice as slow. docs/experiments.md has the table;
-# running several jobs at once, set OMP_WAIT_POLICY=PASSIVE.
+# are small, so the second thread is woken thousands of times a step: waking a sleeping thread
+# (OMP_WAIT_POLICY=PASSIVE) made a pretraining step 34% slower (410 against 305 ms), while spinning
+# for long (libgomp's default, 300,000 turns) made two runs sharing a 2-core CPU twice as slow.
+# docs/experiments.md has the table; running several jobs at once, set OMP_WAIT_POLICY=PASSIVE.
 os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import argparse
