@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")  # see train.py: idle threads spin briefly, then sleep
+if "OMP_WAIT_POLICY" not in os.environ:  # see train.py: idle threads spin briefly, then sleep
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import argparse
 import contextlib

@@ -37,7 +37,8 @@ import os
 # (OMP_WAIT_POLICY=PASSIVE) made a pretraining step 34% slower (410 against 305 ms), while spinning
 # for long (libgomp's default, 300,000 turns) made two runs sharing a 2-core CPU twice as slow.
 # docs/experiments.md has the table; running several jobs at once, set OMP_WAIT_POLICY=PASSIVE.
-os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+if "OMP_WAIT_POLICY" not in os.environ:  # a wait policy the user chose wins (libgomp would spin anyway)
+    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
 
 import argparse
 import json

@@ -257,27 +257,27 @@ def test_pretrain_qa_turns_media_examples_into_attribute_questions():
 
 
 # How torch's OpenMP threads wait is read once, when torch loads libgomp: the scripts must set it
-# before anything imports torch, and must leave a value the user set alone.
+# before anything imports torch, and must leave what the user set alone: a spin count, or a wait
+# policy (with OMP_WAIT_POLICY=PASSIVE and a spin count set too, libgomp would still spin).
 SPIN_PROBE = """
 import builtins, os, runpy, sys
 real_import = builtins.__import__
 def guarded(name, *args, **kwargs):
-    if name.split(".")[0] == "torch" and "GOMP_SPINCOUNT" not in os.environ:
+    if name.split(".")[0] == "torch" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
         sys.exit("torch was imported before GOMP_SPINCOUNT was set")
     return real_import(name, *args, **kwargs)
 builtins.__import__ = guarded
 runpy.run_path(sys.argv[1], run_name="imported")
-print(os.environ["GOMP_SPINCOUNT"])
+print(os.environ.get("GOMP_SPINCOUNT", "unset"))
 """
 
 
-@pytest.mark.parametrize("script, preset, expected", [("train.py", None, "3000"), ("train.py", "7", "7"),
-                                                      ("analyze.py", None, "3000")])
+@pytest.mark.parametrize("script, preset, expected", [
+    ("train.py", {}, "3000"), ("train.py", {"GOMP_SPINCOUNT": "7"}, "7"),
+    ("train.py", {"OMP_WAIT_POLICY": "PASSIVE"}, "unset"), ("analyze.py", {}, "3000")])
 def test_openmp_spin_is_set_before_torch_loads_and_a_user_value_wins(script, preset, expected):
-    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    env["PYTHONPATH"] = str(ROOT)
-    if preset is not None:
-        env["GOMP_SPINCOUNT"] = preset
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(PYTHONPATH=str(ROOT), **preset)
     result = subprocess.run([sys.executable, "-c", SPIN_PROBE, str(ROOT / script)], capture_output=True,
                             text=True, timeout=120, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
