@@ -213,9 +213,7 @@ def run_pretrain(args, device, out: Path, pairs: list | None) -> Path:
     base = out / "base"
     if args.resume and base.exists():
         say(f"pretrain: {base} is complete, skipping")
-        state = checkpoint.load(out / "pretrain.ckpt.pt")
-        if state is not None:  # the RNG as an uninterrupted run leaves pretraining: CL then draws the same
-            checkpoint.set_rng_state(state["rng"])
+        checkpoint.restore_rng(out / "pretrain.ckpt.pt", args.seed)  # as an uninterrupted run leaves pretraining
         return base
     if args.model == "tiny":  # from a random init, or from --continue-from (continual pretraining)
         init = Path(args.continue_from) if args.continue_from else build_tiny_init(args, out)
@@ -402,8 +400,12 @@ def run_stages(args, device, out: Path, setup: str) -> None:
     base = Path(args.model)
     if "pretrain" in runs.stages_run(args):
         base = run_pretrain(args, device, out, pretrain_pairs)
-    elif args.model == "tiny":
-        base = out / "base"  # check_run made sure it exists
+    else:
+        base = out / "base" if args.model == "tiny" else base  # check_run made sure it exists
+        # CL alone on this run's base starts from the random state its pretraining ended in, as the
+        # whole run's CL did: the same LoRA initialisation, so the same (b)
+        if checkpoint.restore_rng(out / "pretrain.ckpt.pt", args.seed):
+            say(f"contrastive: random state from {out / 'pretrain.ckpt.pt'}, where this run's pretraining ended")
     if args.stage == "pretrain":
         if not args.profile_steps:
             say(f"done in {time.time() - t0:.0f} s; pretrained model in {base}")

@@ -34,6 +34,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def restore_rng(path: str | Path, seed: int) -> bool:
+    """Set every generator to the state saved in the checkpoint at `path`, if there is one and it was
+    written with `seed`; False (nothing changed) otherwise. train.py uses the pretraining checkpoint's:
+    the contrastive stage then starts from the same random state, so draws the same LoRA
+    initialisation, whether it runs right after pretraining, after --resume, or alone."""
+    state = load(path)
+    if state is None or state["config"].get("seed") != seed:
+        return False
+    set_rng_state(state["rng"])
+    return True
+
+
 def save(obj: dict, path: str | Path) -> None:
     """Write obj to path atomically (temp file + fsync + rename)."""
     path = Path(path)

@@ -48,12 +48,13 @@ def trainer(run: Path, cl, device, log: Path):
     import train
     from lco_mini import lora
 
-    state = checkpoint.load(Path(run) / "pretrain.ckpt.pt")
-    if state is None:
-        print(f"no {Path(run) / 'pretrain.ckpt.pt'}: every CL starts from seed {cl.seed} instead")
+    pretrained = Path(run) / "pretrain.ckpt.pt"
+    if not pretrained.exists():
+        print(f"no {pretrained}: every CL starts from seed {cl.seed} instead")
 
     def contrastive(folder: Path):
-        checkpoint.set_rng_state(state["rng"]) if state is not None else torch.manual_seed(cl.seed)
+        if not checkpoint.restore_rng(pretrained, cl.seed):
+            torch.manual_seed(cl.seed)
         scratch = Path(tempfile.mkdtemp(prefix="lco_mini_cl_"))  # the CL's checkpoints, deleted after
         try:
             with open(log, "a") as out, contextlib.redirect_stdout(out):

@@ -83,6 +83,30 @@ def test_existing_run_is_not_overwritten(smoke_run):
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
 
 
+def test_contrastive_stage_alone_on_a_runs_base_gives_the_runs_adapter(smoke_run, tmp_path):
+    """`--stage contrastive` on a run's base starts from the random state in which the run's pretraining
+    ended (its pretrain.ckpt.pt), so it draws the same LoRA initialisation and batches and writes the
+    same adapter as the whole run did. Without that checkpoint it starts from the seed: another adapter."""
+    from safetensors.torch import load_file
+
+    out, _ = smoke_run
+    expected = load_file(out / "adapter" / "adapter_model.safetensors")
+    adapters = {}
+    for name, files in {"with": ["base", "pretrain.ckpt.pt"], "without": ["base"]}.items():
+        alone = tmp_path / name
+        alone.mkdir()
+        for file in files:
+            (alone / file).symlink_to(out / file)
+        result = run_train([*SMOKE, "--stage", "contrastive", "--steps", "4", "--no-eval", "--out", str(alone)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("random state from" in result.stdout) == (name == "with")
+        adapters[name] = load_file(alone / "adapter" / "adapter_model.safetensors")
+    assert adapters["with"].keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(adapters["with"][key], expected[key], atol=0, rtol=0)
+    assert not all(torch.equal(adapters["without"][key], expected[key]) for key in expected)
+
+
 def test_bad_jsonl_is_reported_before_training(smoke_run, tmp_path):
     out, _ = smoke_run
     bad = tmp_path / "pairs.jsonl"
