@@ -1,7 +1,7 @@
 """Train an omnimodal embedding model the LCO-Emb way: generative pretraining, then
 language-centric (text-only) contrastive learning with LoRA.
 
-    python train.py                                   # tiny default, both stages + evaluation (4.2-4.5 min: 2-core EPYC, bf16)
+    python train.py                                   # tiny default, both stages + evaluation (4.2-5.1 min: 2-core EPYC, bf16)
     python train.py --stage pretrain                  # only the generative stage (tiny: pretraining from scratch)
     python train.py --stage contrastive               # only contrastive learning, on out/base
     python train.py --resume                          # continue an interrupted run from its last checkpoint
