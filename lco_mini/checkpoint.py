@@ -34,16 +34,21 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def restore_rng(path: str | Path, seed: int) -> bool:
-    """Set every generator to the state saved in the checkpoint at `path`, if there is one and it was
-    written with `seed`; False (nothing changed) otherwise. train.py uses the pretraining checkpoint's:
-    the contrastive stage then starts from the same random state, so draws the same LoRA
-    initialisation, whether it runs right after pretraining, after --resume, or alone."""
+def saved_rng(path: str | Path, seed: int) -> dict | None:
+    """The random state saved in the checkpoint at `path`, if there is one and it was written with
+    `seed`; else None. train.py and rerun.py read the pretraining checkpoint's: the contrastive stage
+    then starts from the same random state, so draws the same LoRA initialisation, whether it runs
+    right after pretraining, after --resume, alone, or on another base (analyze.py)."""
     state = load(path)
-    if state is None or state["config"].get("seed") != seed:
-        return False
-    set_rng_state(state["rng"])
-    return True
+    return None if state is None or state["config"].get("seed") != seed else state["rng"]
+
+
+def restore_rng(path: str | Path, seed: int) -> bool:
+    """set_rng_state(saved_rng(path, seed)) when there is one; False (nothing changed) otherwise."""
+    state = saved_rng(path, seed)
+    if state is not None:
+        set_rng_state(state)
+    return state is not None
 
 
 def save(obj: dict, path: str | Path) -> None:

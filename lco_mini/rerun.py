@@ -48,13 +48,12 @@ def trainer(run: Path, cl, device, log: Path):
     import train
     from lco_mini import lora
 
-    pretrained = Path(run) / "pretrain.ckpt.pt"
-    if not pretrained.exists():
-        print(f"no {pretrained}: every CL starts from seed {cl.seed} instead")
+    state = checkpoint.saved_rng(Path(run) / "pretrain.ckpt.pt", cl.seed)  # read once, set for every base
+    if state is None:
+        print(f"no {Path(run) / 'pretrain.ckpt.pt'} of seed {cl.seed}: every CL starts from that seed instead")
 
     def contrastive(folder: Path):
-        if not checkpoint.restore_rng(pretrained, cl.seed):
-            torch.manual_seed(cl.seed)
+        checkpoint.set_rng_state(state) if state is not None else torch.manual_seed(cl.seed)
         scratch = Path(tempfile.mkdtemp(prefix="lco_mini_cl_"))  # the CL's checkpoints, deleted after
         try:
             with open(log, "a") as out, contextlib.redirect_stdout(out):
