@@ -24,7 +24,7 @@ it, at every layer (last-token pooling with the embedding prompt, as the embeddi
                fitted per modality with bootstrap intervals over the held-out queries.
   continual    the paper's SeaDoc experiment: document retrieval in a script the base never
                read (the world's invented "alien" digits), after text-only CL, with and without
-               a continual generative stage of reading that script first (lco_mini/continual.py).
+               a continual generative stage of reading that script first (lco_mini/experiments/continual.py).
 The data: the synthetic world's held-out items, one per distinct caption (items sharing a
 caption would be tied neighbours and inflate the overlap), or --data: a jsonl in the official
 format, its anchors against their positives, grouped by the anchor's kind.
@@ -35,39 +35,30 @@ continual arm, the continually pretrained base: a rerun, or one cut short, does 
 """
 from __future__ import annotations
 
-import os
+from lco_mini.support import cli as command_line
 
-if "OMP_WAIT_POLICY" not in os.environ:  # see train.py: idle threads spin briefly, then sleep
-    os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+command_line.spin_briefly()  # how idle OpenMP threads wait is read when torch loads: set it first
 
-import argparse
-import contextlib
-import hashlib
-import json
-import math
-import sys
-from pathlib import Path
+import argparse  # noqa: E402 (after the OpenMP setting)
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import torch
-import transformers
-from tqdm.auto import tqdm
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
 
-from lco_mini import continual, data, geometry, ladder, plots, rerun, runs, sources, world
-
-
-def fail(message: str):
-    """A user mistake: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        fail(f"{message} (see --help)")
+from lco_mini.experiments import continual, geometry, ladder, plots, rerun  # noqa: E402
+from lco_mini.support import data, runs, sources  # noqa: E402
+from lco_mini.support.cli import fail  # noqa: E402
+from lco_mini.tiny import world  # noqa: E402
 
 
 def get_args(argv=None) -> argparse.Namespace:
-    p = Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
+    p = command_line.Parser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n", 1)[1],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["anisotropy", "alignment", "grsl", "continual"], help="what to measure")
     p.add_argument("--model", action="append", default=None, metavar="DIR",
@@ -184,7 +175,10 @@ def _experiment(args) -> tuple[dict, object, torch.device, Path]:
     """What grsl and continual start with: the run's options, the CL every base will get (the run's
     own, or --steps / --quick's 15 steps), the device, and the output folder, made."""
     config = _run_config(Path(args.run))
-    cl, device = rerun.cl_args(config, args.device, args.steps or (15 if args.quick else None))
+    try:
+        cl, device = rerun.cl_args(config, args.device, args.steps or (15 if args.quick else None))
+    except ValueError as error:  # a run_config.json without the contrastive options
+        fail(str(error))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar says what happens

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lco_mini import media, sources
+from lco_mini.support import media, sources
+from lco_mini.support.cli import Parser, fail
 
 DEFAULT_MODEL = "out/merged"  # the folder `python train.py` writes
 PREVIEW_VALUES = 4  # how many leading values to print per vector
@@ -36,17 +37,6 @@ OUT_FORMATS = (".npy", ".jsonl")
 # the supported processors (Qwen2-VL's max_pixels), so a huge photo never sits in memory whole.
 # The model's processor then shrinks them to its own budget.
 DECODE_MAX_PIXELS = 12_845_056
-
-
-def fail(message: str):
-    """A user mistake: one line on stderr, exit code 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints usage + error; keep it to one line like every other mistake
-        fail(f"{message} (see --help)")
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -139,7 +129,7 @@ def check_out(out: str | None) -> None:
 
 
 def check_device(device: str | None) -> None:
-    from lco_mini.runs import device_problem  # imports torch: only once the inputs are known good
+    from lco_mini.support.runs import device_problem  # imports torch: only once the inputs are known good
 
     problem = device_problem(device)
     if problem:
@@ -231,7 +221,7 @@ def main(argv=None) -> None:
     decoded = decode_inputs(args.inputs, args.text)
     check_model(args.model, args.adapter)
 
-    from lco_mini.backbone import Embedder  # imports torch + transformers: only once the inputs are known good
+    from lco_mini.embedder import Embedder  # imports torch + transformers: only once the inputs are known good
     import transformers
 
     check_device(args.device)

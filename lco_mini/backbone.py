@@ -28,7 +28,7 @@ is forced to it.
 
 The split for training: `build_inputs(processor, items)` makes a padded batch
 (CPU, no model); `embed_batch(model, inputs)` runs the model with gradients.
-`Embedder` wraps both for inference (batches, progress bar, no grad, CPU fp32).
+lco_mini/embedder.py wraps both for inference: `Embedder`, the Python API.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -50,7 +49,8 @@ from transformers import (
 
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from lco_mini import media, pooling, sources
+from lco_mini import pooling
+from lco_mini.support import media, sources
 
 # The paper's prompts, appended after the item inside the user turn.
 PROMPTS = {
@@ -238,7 +238,7 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None,
 
     Each item is a dict with any of "text" (str), "image" (PIL image or path), "audio" (1-D
     float array at 16 kHz or path), "video" (list of PIL frames or path); at most one of each.
-    Paths are decoded by lco_mini.media. Every row ends with the generation prompt. Texts
+    Paths are decoded by lco_mini.support.media. Every row ends with the generation prompt. Texts
     and targets are cut to max_text_tokens tokens each (None: not cut), images to the
     processor's pixel budget (see bound_items).
 
@@ -294,13 +294,14 @@ def _answer_labels(tokenizer, input_ids: torch.Tensor, answers: list[str]) -> to
 
 # ----------------------------------------------------------------------------- batch -> embeddings
 
-def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
+def embed_batch(model, inputs, layers: str = "last", normalize: bool = True) -> torch.Tensor:
     """L2-normalised last-token embeddings of a batch from build_inputs. Keeps gradients.
 
     layers="last": [N, D] from the last layer (after the final norm).
     layers="all":  [L + 1, N, D], index 0 = the token embeddings (input of layer 1),
                    index i = output of decoder layer i; index L is after the final norm,
                    i.e. equal to layers="last".
+    normalize=False: the last token's hidden state itself, in fp32.
     Runs the decoder without lm_head (`model.model`), so no [N, T, vocab] logits are computed,
     except for an architecture whose `model.model` takes no media (see below)."""
     if layers not in ("last", "all"):
@@ -310,7 +311,8 @@ def embed_batch(model, inputs, layers: str = "last") -> torch.Tensor:
     mask = inputs["attention_mask"]
 
     def pool(hidden):  # pool in the model's dtype, normalise in fp32 (a bf16 norm is off by ~1e-3)
-        return F.normalize(pooling.pool(hidden, mask, mode="last", normalize=False).float(), dim=-1)
+        last = pooling.pool(hidden, mask, mode="last", normalize=False).float()
+        return F.normalize(last, dim=-1) if normalize else last
 
     decoder = multimodal_decoder(model)
     if decoder is None:  # no lm_head-free module that takes pixels: run the whole model
@@ -332,84 +334,3 @@ def multimodal_decoder(model):
         return None
     accepted = inspect.signature(decoder.forward).parameters
     return decoder if "pixel_values" in accepted or "input_features" in accepted else None
-
-
-def _length_key(item: dict):
-    """Sort key that groups items of one kind and similar length, so batches pad little."""
-    return tuple(item.get(k) is not None for k in MEDIA), len(item.get("text") or "")
-
-
-class Embedder:
-    """Inference: items in, L2-normalised float32 CPU embeddings out ([N, D] or [L + 1, N, D]).
-
-    Items are sorted by kind and length before batching (less padding) and returned in input
-    order; batching cannot change an embedding (left padding, see the module docstring)."""
-
-    def __init__(self, model, processor, batch_size: int = 16, device=None, progress: bool = True,
-                 max_text_tokens: int | None = media.MAX_TEXT_TOKENS):
-        self.model = model if device is None else model.to(device)
-        self.processor, self.batch_size, self.progress = processor, batch_size, progress
-        self.max_text_tokens = max_text_tokens
-        self.truncated = 0  # texts cut to max_text_tokens so far, for a caller to report
-        processor.tokenizer.padding_side = "left"
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, adapter=None, device=None, dtype=None, **kwargs) -> "Embedder":
-        """Load a backbone (see `load`), optionally with a LoRA adapter folder saved by lco_mini.lora."""
-        model, processor = load(name_or_path, device=device, dtype=dtype)
-        if adapter is not None:
-            from lco_mini.lora import load_adapter  # lazy: only adapters need it
-            load_adapter(model, adapter)
-            model.to(next(model.parameters()).device)  # new LoRA weights follow the base weights
-        return cls(model, processor, **kwargs)
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        """The inputs this backbone takes (see input_kinds)."""
-        return input_kinds(self.processor)
-
-    @property
-    def dim(self) -> int:
-        return self.model.config.get_text_config().hidden_size
-
-    def embed(self, items: list[dict], layers: str = "last") -> torch.Tensor:
-        """Embeddings of `items` (dicts as for build_inputs), in input order."""
-        if layers not in ("last", "all"):
-            raise ValueError(f"layers must be 'last' or 'all', got {layers!r}")
-        if not items:
-            n_layers = self.model.config.get_text_config().num_hidden_layers
-            return torch.zeros((0, self.dim) if layers == "last" else (n_layers + 1, 0, self.dim))
-        order = sorted(range(len(items)), key=lambda i: _length_key(items[i]))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        rows = [None] * len(items)
-        was_training = self.model.training
-        self.model.eval()  # no dropout at inference
-        try:
-            with torch.inference_mode():
-                for batch in tqdm(batches, desc="embedding", unit="batch",
-                                  disable=not self.progress or len(batches) < 2):
-                    chunk, cut = bound_items(self.processor, [items[i] for i in batch], self.max_text_tokens)
-                    self.truncated += cut
-                    inputs = build_inputs(self.processor, chunk, max_text_tokens=None)  # cut already
-                    embeddings = embed_batch(self.model, inputs, layers).float().cpu()
-                    for j, i in enumerate(batch):
-                        rows[i] = embeddings[..., j, :]
-        finally:
-            self.model.train(was_training)
-        return torch.stack(rows, dim=-2)
-
-    def embed_texts(self, texts: list[str], layers: str = "last") -> torch.Tensor:
-        return self.embed([{"text": t} for t in texts], layers)
-
-    def embed_images(self, images: list, layers: str = "last") -> torch.Tensor:
-        return self.embed([{"image": x} for x in images], layers)
-
-    def embed_audios(self, audios: list, layers: str = "last") -> torch.Tensor:
-        return self.embed([{"audio": x} for x in audios], layers)
-
-    def embed_videos(self, videos: list, layers: str = "last") -> torch.Tensor:
-        return self.embed([{"video": x} for x in videos], layers)
-
-    def embed_interleaved(self, pairs: list[tuple], layers: str = "last") -> torch.Tensor:
-        """(image, text) pairs: the image, then the text, then the instruction, in one turn."""
-        return self.embed([{"image": image, "text": text} for image, text in pairs], layers)

@@ -33,8 +33,8 @@ Pooling (hidden states -> one vector per row) lives next door, in lco_mini/pooli
 
 backend="auto" takes Triton for CUDA tensors and the PyTorch path on CPU, and says once which. On CPU,
 backend="triton" runs the kernels in Triton's interpreter when TRITON_INTERPRET=1 (slow; for tests).
-The benchmark and the GPU report live in lco_mini/kernels_bench.py and lco_mini/gpu_report.py:
-    python -m lco_mini.kernels_bench [--big] [--gpu-report OUTDIR [--dry-run]]
+The benchmark and the GPU report live in bench/kernels.py and bench/gpu_report.py:
+    python -m bench.kernels [--big] [--gpu-report OUTDIR [--dry-run]]
 """
 import math
 from dataclasses import dataclass
@@ -160,9 +160,9 @@ def triton_configs(device, dtype):
     programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     if dtype == torch.float32:
         return [TritonConfig(64, 64, 32, 4, 2, programs), TritonConfig(32, 64, 32, 4, 2, programs)]
-    # 128x256 (the classic large-matmul tile, 144 KiB shared memory) was fastest at every large
-    # shape of the v2 H200 report, 6-15% ahead; at B = 1024 all three are within 7% (launch-bound).
-    # 128x128 fits 2 G-kernel programs per SM; 64x128 had the fastest forward in v1.
+    # 128x256, the classic large-matmul tile (144 KiB of shared memory), keeps the tensor cores
+    # busiest at large shapes; 128x128 fits two G-kernel programs per SM; 64x128 suits the forward
+    # at small B. bench/gpu_report.py times all three (docs/bench/ has the measured tables).
     return [TritonConfig(128, 256, 64, 8, 3, programs), TritonConfig(128, 128, 64, 8, 3, programs),
             TritonConfig(64, 128, 64, 4, 3, programs)]
 

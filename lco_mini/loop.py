@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lco_mini import checkpoint, distributed
-from lco_mini.distributed import say
+from lco_mini.support import checkpoint, distributed
+from lco_mini.support.distributed import say
 
 
 class TrainingError(RuntimeError):

@@ -6,13 +6,14 @@ and its backward. train.py's loops call these; tests call them directly.
   batch_items / batch_loss              stage 2: one list to embed, InfoNCE across processes
   gradcache                             stage 2 in micro-batches, with every in-batch negative kept
 
-The forward passes run under --precision's autocast (lco_mini/precision.py); losses are fp32.
+The forward passes run under --precision's autocast (lco_mini/support/precision.py); losses are fp32.
 """
 from __future__ import annotations
 
 import torch
 
-from lco_mini import backbone, checkpoint, distributed, media, precision
+from lco_mini import backbone
+from lco_mini.support import checkpoint, distributed, media, precision
 from lco_mini.infonce import infonce
 
 
@@ -61,13 +62,13 @@ def embed_items(model, processor, items, device, max_text_tokens=media.MAX_TEXT_
     return embed_inputs(model, inputs, device, precision_used)
 
 
-def batch_items(triples, args) -> list:
-    """anchors, then positives, then (unless --no-hard-negatives) hard negatives: one list to embed."""
+def batch_items(triples, hard_negatives: bool = True) -> list:
+    """anchors, then positives, then (unless hard_negatives is off) hard negatives: one list to embed."""
     anchors, positives, negatives = (list(x) for x in zip(*triples))
-    return anchors + positives + (negatives if args.hard_negatives else [])
+    return anchors + positives + (negatives if hard_negatives else [])
 
 
-def batch_loss(embeddings: torch.Tensor, n_pairs: int, args) -> torch.Tensor:
+def batch_loss(embeddings: torch.Tensor, n_pairs: int, temperature: float = 0.03) -> torch.Tensor:
     """InfoNCE of this process's anchors against the candidates of every process (in-batch
     negatives across devices). Multiplied by the number of processes because average_gradients
     divides the summed gradients by it, while this loss is a mean over the local anchors only:
@@ -76,10 +77,12 @@ def batch_loss(embeddings: torch.Tensor, n_pairs: int, args) -> torch.Tensor:
     a, p, n = embeddings[:n_pairs], embeddings[n_pairs:2 * n_pairs], embeddings[2 * n_pairs:]
     a, p = distributed.gather_with_grad(a), distributed.gather_with_grad(p)
     n = distributed.gather_with_grad(n) if len(n) else None
-    return infonce(a, p, n, temperature=args.temperature) * distributed.world_size()
+    return infonce(a, p, n, temperature=temperature) * distributed.world_size()
 
 
-def gradcache(model, processor, triples, args, device) -> torch.Tensor:
+def gradcache(model, processor, triples, device, micro_batch: int, hard_negatives: bool = True,
+              temperature: float = 0.03, max_text_tokens=media.MAX_TEXT_TOKENS,
+              precision_used: str = "fp32") -> torch.Tensor:
     """Forward and backward of one contrastive batch in micro-batches, with every negative kept.
 
     GradCache (Gao et al. 2021): (1) embed all items without a graph, in micro-batches;
@@ -88,17 +91,17 @@ def gradcache(model, processor, triples, args, device) -> torch.Tensor:
     gradient. Memory is one micro-batch; the loss is the full-batch loss. Gradient
     accumulation, by contrast, would shrink the candidates per anchor to the micro-batch.
     Returns batch_loss, detached (its .backward() has been done here)."""
-    items = batch_items(triples, args)
-    chunks = [items[i:i + args.micro_batch] for i in range(0, len(items), args.micro_batch)]
+    items = batch_items(triples, hard_negatives)
+    chunks = [items[i:i + micro_batch] for i in range(0, len(items), micro_batch)]
     states, cached = [], []
     with torch.no_grad():
         for chunk in chunks:
             states.append(checkpoint.rng_state())  # every device's RNG: step (3) replays the same dropout masks
-            cached.append(embed_items(model, processor, chunk, device, args.max_text_tokens, args.precision))
+            cached.append(embed_items(model, processor, chunk, device, max_text_tokens, precision_used))
     embeddings = torch.cat(cached).detach().requires_grad_()
-    loss = batch_loss(embeddings, len(triples), args)
+    loss = batch_loss(embeddings, len(triples), temperature)
     loss.backward()
     for chunk, state, grad in zip(chunks, states, embeddings.grad.split([len(c) for c in chunks])):
         checkpoint.set_rng_state(state)
-        embed_items(model, processor, chunk, device, args.max_text_tokens, args.precision).backward(grad)
+        embed_items(model, processor, chunk, device, max_text_tokens, precision_used).backward(grad)
     return loss.detach()

@@ -1,12 +1,14 @@
 """Shared fixtures: tiny *random* backbones of the three supported families, built locally
 (no hub) and saved to folders, so tests go through backbone.load(folder) like real use.
-Every test runs in fp32, train.py subprocesses included (lco_mini/precision.py)."""
+Every test runs in fp32, train.py subprocesses included (lco_mini/support/precision.py)."""
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-os.environ["LCO_MINI_PRECISION"] = "fp32"  # before lco_mini.precision reads it
+os.environ["LCO_MINI_PRECISION"] = "fp32"  # before lco_mini.support.precision reads it
+for _offline in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # nothing is downloaded: models and data are built here
+    os.environ.setdefault(_offline, "1")
 
 import pytest
 from transformers import (
@@ -18,7 +20,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 
-from lco_mini import tiny
+from lco_mini.tiny import model as tiny
 
 CORPUS = ["a red circle above a blue square", "the dog barks twice", "a green triangle moves left",
           "the word 42 is written in black ink", "two small yellow stars, one big star!"] * 20

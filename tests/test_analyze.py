@@ -1,5 +1,5 @@
 """analyze.py end to end on tiny random backbones: its numbers equal the measures applied to
-embeddings computed independently with backbone.Embedder; caching, skipping, --data, bad input."""
+embeddings computed independently with lco_mini.Embedder; caching, skipping, --data, bad input."""
 import json
 import os
 import subprocess
@@ -7,14 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import analyze  # noqa: E402  (the script, imported for its main)
-from lco_mini import analysis, backbone, tasks, world  # noqa: E402
+from lco_mini import analysis, backbone
+from lco_mini.embedder import Embedder
+from lco_mini.tiny import tasks, world  # noqa: E402
 
 N = 9  # items per modality: small, odd, above k
 FAST = ["--n", str(N), "--k", "3", "--null", "3", "--batch-size", "8"]
@@ -33,7 +34,7 @@ def run_dir(omni_dir, tmp_path_factory):
 def reference_embeddings(model_dir, modality):
     """The world items analyze.py measures, embedded here at every layer, independently."""
     model, processor = backbone.load(model_dir, device="cpu")
-    embedder = backbone.Embedder(model, processor, batch_size=4, progress=False)
+    embedder = Embedder(model, processor, batch_size=4, progress=False)
     items = world.items(modality, "heldout", N, 1234)
     media = embedder.embed([{tasks.MEDIA_KEY[modality]: item.media} for item in items], layers="all")
     captions = embedder.embed_texts([item.captions[0] for item in items], layers="all")

@@ -13,8 +13,10 @@ from transformers import (
     Qwen2_5OmniThinkerForConditionalGeneration,
 )
 
-from lco_mini import backbone, lora, sources
-from lco_mini.backbone import PROMPTS, Embedder, build_inputs, embed_batch
+from lco_mini import backbone, lora
+from lco_mini.support import sources
+from lco_mini.backbone import PROMPTS, build_inputs, embed_batch
+from lco_mini.embedder import Embedder
 
 ATOL = 1e-5
 TEXTS = ["a dog", "the red circle above the blue square moves slowly to the left, then stops", "two stars!"]
@@ -314,7 +316,7 @@ def test_embedder_counts_cut_texts(omni_dir):
 
 
 def test_image_files_reach_the_processor_within_its_pixel_budget(omni_dir, tmp_path, monkeypatch):
-    from lco_mini import media
+    from lco_mini.support import media
 
     processor = backbone.load_processor(omni_dir)
     budget = backbone.image_budget(processor)

@@ -1,4 +1,4 @@
-"""lco_mini/checkpoint.py: a checkpoint is either the old one or the new one, never half of each;
+"""lco_mini/support/checkpoint.py: a checkpoint is either the old one or the new one, never half of each;
 every RNG comes back; an unreadable file is a one-line CheckpointError naming it."""
 import random
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lco_mini import checkpoint
+from lco_mini.support import checkpoint
 
 STATE = {"model": {"w": torch.arange(6.0)}, "optimizer": {}, "rng": None, "step": 3, "losses": [1.0, 0.5],
          "config": {"lr": 1e-3}}

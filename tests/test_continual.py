@@ -1,4 +1,4 @@
-"""The continual-pretraining experiment (the paper's SeaDoc, lco_mini/continual.py): the alien
+"""The continual-pretraining experiment (the paper's SeaDoc, lco_mini/experiments/continual.py): the alien
 script in the pretraining mix, train.py --continue-from, the bootstrap interval of a mean against
 a slow reference, the report against worked cases, and `analyze.py continual` end to end on a
 smoke run, whose CL-only arm must be the run's own (b)."""
@@ -18,7 +18,10 @@ sys.path.insert(0, str(ROOT))
 import analyze  # noqa: E402  (the script, imported for its main)
 import train as train_script  # noqa: E402
 from conftest import SMOKE_RUN, train  # noqa: E402
-from lco_mini import analysis, backbone, continual, evaluation, render, tasks  # noqa: E402
+from lco_mini import analysis, backbone, stages
+from lco_mini.embedder import Embedder
+from lco_mini.experiments import continual, evaluation
+from lco_mini.tiny import render, tasks  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -117,7 +120,7 @@ def test_continue_from_pretrains_a_base_further_and_never_writes_it(smoke_run, t
     assert moved and any("visual" in k for k in moved)  # every weight trains, the vision tower too
     # step 0 starts from the base's weights: its loss is the base's loss on that batch
     args = train_script.get_args(argv)
-    examples = tasks.world_caption_examples(8, train_script.batch_seed(args, "pretrain", 0), mix=args.pretrain_mix)
+    examples = tasks.world_caption_examples(8, stages.batch_seed(args, "pretrain", 0), mix=args.pretrain_mix)
     model, processor = backbone.load(smoke_run / "base", device="cpu")
     from lco_mini.losses import generative_inputs, generative_loss
     with torch.no_grad():
@@ -176,7 +179,7 @@ def test_cl_only_arm_is_the_runs_own_contrastive_result(smoke_run, continual_rep
     the same rank for every Latin document query, and eval.json's document R@1."""
     out, report = continual_report
     arm = json.loads(next((out / "cache").glob("continual-cl_only-*.json")).read_text())
-    embedder = backbone.Embedder.from_pretrained(smoke_run / "merged", device="cpu", progress=False)
+    embedder = Embedder.from_pretrained(smoke_run / "merged", device="cpu", progress=False)
     assert arm["ranks"]["latin"] == evaluation.retrieval_ranks(embedder, "document->text", 12, 1234).tolist()
     results = json.loads((smoke_run / "eval.json").read_text())["(b) text-only CL"]
     assert report["cl_only"]["latin"]["R@1"] == pytest.approx(100 * results["document->text"]["R@1"])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lco_mini import data
+from lco_mini.support import data
 
 
 def write_jsonl(path, records):

@@ -9,8 +9,9 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
-from lco_mini import backbone, distributed, lora, losses, tiny  # noqa: E402
+from lco_mini import backbone, lora, losses, stages  # noqa: E402
+from lco_mini.support import distributed  # noqa: E402
+from lco_mini.tiny import model as tiny, tasks  # noqa: E402
 
 BATCH = 8
 
@@ -23,9 +24,9 @@ def loss_and_grads(folder, triples):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.02)  # non-zero B: gradients reach A too
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_from_main(params)  # what train.py does: every rank gets rank 0's weights
-    items = losses.batch_items(triples, train.get_args([]))
+    items = losses.batch_items(triples, hard_negatives=True)
     loss = losses.batch_loss(losses.embed_items(model, processor, items, torch.device("cpu")), len(triples),
-                            train.get_args([]))
+                             temperature=0.03)
     loss.backward()
     loss = loss.detach() / distributed.world_size()  # as run_contrastive logs it
     distributed.average_gradients(params)
@@ -34,8 +35,8 @@ def loss_and_grads(folder, triples):
 
 def worker(rank, world_size, folder, results, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    triples = train.world_pair_examples(BATCH, seed=1, multimodal_ratio=0.0)
-    loss, grads = loss_and_grads(folder, train.local_slice(triples))
+    triples = tasks.world_pair_examples(BATCH, seed=1, multimodal_ratio=0.0)
+    loss, grads = loss_and_grads(folder, stages.local_slice(triples))
     torch.save({"loss": loss, "grads": grads}, Path(results) / f"{rank}.pt")
     dist.destroy_process_group()
 
@@ -43,7 +44,7 @@ def worker(rank, world_size, folder, results, init_file):
 def test_two_processes_equal_one(tmp_path):
     folder = tiny.build_tiny(tmp_path / "m", seed=0, **tiny.SIZES["smoke"])
     mp.spawn(worker, args=(2, str(folder), str(tmp_path), str(tmp_path / "pg")), nprocs=2, join=True)
-    single_loss, single_grads = loss_and_grads(folder, train.world_pair_examples(BATCH, seed=1, multimodal_ratio=0.0))
+    single_loss, single_grads = loss_and_grads(folder, tasks.world_pair_examples(BATCH, seed=1, multimodal_ratio=0.0))
     for rank in range(2):
         got = torch.load(tmp_path / f"{rank}.pt")
         torch.testing.assert_close(got["loss"], single_loss, atol=1e-5, rtol=0)

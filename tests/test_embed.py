@@ -2,7 +2,7 @@
 
 Good input: exit 0, one printed line per input with its modality and dimension,
 a similarity table naming every file and text, and saved vectors (.npy / .jsonl)
-that equal what `backbone.Embedder` computes in-process. Bad input: exit 2 and
+that equal what `lco_mini.Embedder` computes in-process. Bad input: exit 2 and
 exactly one line on stderr naming the input. Each subprocess that embeds loads
 torch + transformers (seconds), so checks are combined into few runs; the error
 runs stop before importing torch and are fast.
@@ -36,7 +36,7 @@ def run_embed(*args, timeout=120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
-    from lco_mini.tiny import build_tiny
+    from lco_mini.tiny.model import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny_omni"), seed=0, corpus=CORPUS)
 
@@ -97,7 +97,7 @@ def test_npy_equals_the_in_process_embedder(model_dir, files, tmp_path):
     assert vectors.dtype == np.float32 and vectors.shape[0] == 5
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
-    from lco_mini.backbone import Embedder
+    from lco_mini.embedder import Embedder
 
     # The reference decodes the paths itself: the CLI's decode-first path must not change a vector.
     embedder = Embedder.from_pretrained(str(model_dir), device="cpu", progress=False)

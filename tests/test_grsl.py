@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import analyze  # noqa: E402  (the script, imported for its main)
-from lco_mini import analysis, backbone, evaluation, ladder  # noqa: E402
+from lco_mini import analysis, backbone
+from lco_mini.embedder import Embedder
+from lco_mini.experiments import evaluation, ladder  # noqa: E402
 
 from conftest import SMOKE_RUN as SMOKE, train  # noqa: E402  (smoke_run: a run of 8 pretraining steps)
 
@@ -198,7 +200,7 @@ def test_last_rung_reproduces_the_runs_own_contrastive_result(smoke_run, grsl_re
     out, report = grsl_report
     cached = [json.loads(p.read_text()) for p in (out / "cache").glob("grsl-base-*.json")]
     top = next(c for c in cached if c["rung"] == "base")
-    embedder = backbone.Embedder.from_pretrained(smoke_run / "merged", device="cpu", progress=False)
+    embedder = Embedder.from_pretrained(smoke_run / "merged", device="cpu", progress=False)
     results = json.loads((smoke_run / "eval.json").read_text())["(b) text-only CL"]
     for modality in ladder.MODALITIES:
         ranks = evaluation.retrieval_ranks(embedder, f"{modality}->text", 12, 0 + 1234).tolist()

@@ -1,5 +1,5 @@
 """Tests for lco_mini.infonce (InfoNCE: reference, chunked, Triton) and lco_mini.pooling (reference, Triton), and
-for the GPU report of lco_mini.kernels_bench, run as a dry run on CPU from the command line.
+for the GPU report of bench.kernels, run as a dry run on CPU from the command line.
 
 Every path is checked against an authority: the reference InfoNCE is F.cross_entropy over materialised
 logits (and a worked example by hand); the reference pooling is checked against a plain Python loop.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini import infonce as K
-from lco_mini import measure as M
+from bench import measure as M
 from lco_mini import pooling as P
 from lco_mini import triton_support as TS
 
@@ -203,12 +203,12 @@ def test_chunk_rows_at_the_largest_benchmark_shape():
 
 
 def test_gpu_report_dry_run_from_the_command_line(tmp_path):
-    """`python -m lco_mini.kernels_bench --gpu-report DIR --dry-run`: kernels_bench restarts itself with Triton's
-    interpreter and runs the report's own code (lco_mini/gpu_report.py) with tiny shapes on CPU."""
+    """`python -m bench.kernels --gpu-report DIR --dry-run`: kernels_bench restarts itself with Triton's
+    interpreter and runs the report's own code (bench/gpu_report.py) with tiny shapes on CPU."""
     assert TS.triton is not None, "the report needs triton (see requirements.txt)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
     env.pop("TRITON_INTERPRET", None)
-    child = subprocess.run([sys.executable, "-m", "lco_mini.kernels_bench", "--gpu-report", str(tmp_path), "--dry-run"],
+    child = subprocess.run([sys.executable, "-m", "bench.kernels", "--gpu-report", str(tmp_path), "--dry-run"],
                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
     assert sorted(os.listdir(tmp_path)) == ["cpu-dry-run.csv", "cpu-dry-run.md"]

@@ -1,4 +1,4 @@
-"""Tests for lco_mini.media: every fixture is generated in tmp_path (no binary files in the repo)."""
+"""Tests for lco_mini.support.media: every fixture is generated in tmp_path (no binary files in the repo)."""
 
 import importlib.util
 
@@ -7,7 +7,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from lco_mini.media import (
+from lco_mini.support.media import (
     MediaError,
     load_audio,
     load_image,

@@ -10,7 +10,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import backbone, loop, losses, precision, tasks  # noqa: E402
+from lco_mini import backbone, loop, losses
+from lco_mini.interop import export
+from lco_mini.support import precision
+from lco_mini.tiny import tasks  # noqa: E402
 from test_train import SMOKE, run_train  # noqa: E402
 
 ZEN4 = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -138,11 +141,11 @@ def test_generative_loss_on_the_answer_positions_equals_the_full_logits_loss(fam
 def test_saved_models_keep_their_attention_implementation(omni_dir, tmp_path):
     model, processor = backbone.load(omni_dir, device="cpu")
     assert model.config._attn_implementation == "eager"  # what tiny.build_tiny recorded
-    train.save_model(model, processor, tmp_path / "copy")
+    export.save_model(model, processor, tmp_path / "copy")
     again, _ = backbone.load(tmp_path / "copy", device="cpu")
     assert again.config._attn_implementation == "eager"
     model.set_attn_implementation("sdpa")
-    train.save_model(model, processor, tmp_path / "copy")
+    export.save_model(model, processor, tmp_path / "copy")
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["attn_implementation"] == "sdpa"
 
 

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import embed  # noqa: E402
 import train  # noqa: E402
-from lco_mini import backbone, data, distributed, evaluation, lora, losses, runs, tasks, tiny  # noqa: E402
+from lco_mini import backbone, lora, losses, stages
+from lco_mini.experiments import evaluation
+from lco_mini.support import data, distributed, runs
+from lco_mini.tiny import model as tiny, tasks  # noqa: E402
 
 TEXTS = ["a red circle", "a blue square", "a green triangle", "the dog barks twice", "two small yellow stars",
          "a low tone", "a high tone", "a moving dot"]
@@ -89,7 +92,7 @@ def test_audio_for_a_vl_backbone_is_a_clear_error(qwen2_vl_dir, tmp_path, capsys
         embed.main([str(tmp_path / "tone.wav"), "--model", str(qwen2_vl_dir)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "tone.wav" in err[0] and "takes no audio" in err[0]
-    media = train.contrastive_source(train.get_args(["--multimodal-ratio", "1"]), None,
+    media = stages.contrastive_source(train.get_args(["--multimodal-ratio", "1"]), None,
                                      backbone.load_processor(qwen2_vl_dir))
     kinds = {key for step in range(5) for anchor, _, _ in media(step) for key in anchor}
     assert kinds <= {"image", "video"} and kinds  # the world's calibration pairs skip audio
@@ -113,11 +116,11 @@ def test_multimodal_ratio_mixes_the_jsonl_pairs(datasets, tmp_path, omni_dir):
     pairs, _ = data.read_jsonl(datasets[0], progress=False)
     for ratio, expected in ((0.5, 2), (0.25, 1)):
         args = train.get_args(["--model", "m", "--data", "x", "--batch-size", "4", "--multimodal-ratio", str(ratio)])
-        source = train.contrastive_source(args, pairs, processor=None)
+        source = stages.contrastive_source(args, pairs, processor=None)
         for step in range(3):
             batch = source(step)
             assert len(batch) == 4 and sum("image" in anchor for anchor, _, _ in batch) == expected
-    plain = train.contrastive_source(train.get_args(["--model", "m", "--batch-size", "4"]), pairs, processor=None)
+    plain = stages.contrastive_source(train.get_args(["--model", "m", "--batch-size", "4"]), pairs, processor=None)
     assert sum("image" in a for step in range(9) for a, _, _ in plain(step)) == 4  # 36 draws = 4 epochs of 9
     text_only = write_jsonl(tmp_path / "t.jsonl", [json.loads(line) for line in datasets[0].read_text().splitlines()[:8]])
     with pytest.raises(runs.RunError, match="has 0 multimodal and 8 text-only pairs"):
@@ -152,7 +155,7 @@ def test_gradcache_with_dropout_replays_the_masks(tmp_path):
     params = [p for p in model.parameters() if p.requires_grad]
 
     torch.manual_seed(42)
-    loss = losses.gradcache(model, processor, triples, args, torch.device("cpu"))
+    loss = losses.gradcache(model, processor, triples, torch.device("cpu"), args.micro_batch)
     cached = [p.grad.clone() for p in params]
     model.zero_grad()
 
@@ -169,7 +172,7 @@ def test_gradcache_with_dropout_replays_the_masks(tmp_path):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.manual_seed(43)  # a different mask: a different function (the test can fail)
     model.zero_grad()
-    other = losses.gradcache(model, processor, triples, args, torch.device("cpu"))
+    other = losses.gradcache(model, processor, triples, torch.device("cpu"), args.micro_batch)
     assert not torch.allclose(other, loss)
 
 

@@ -1,4 +1,4 @@
-"""train.py never loses work: the output-folder rules of lco_mini/runs.py, --resume, and the
+"""train.py never loses work: the output-folder rules of lco_mini/support/runs.py, --resume, and the
 up-front checks of numbers, models and data, each run as a user runs it (a subprocess on the
 smoke-size tiny model). A refused run exits 2 with one error line naming the input, and every
 folder it was given is byte-identical afterwards."""
@@ -14,7 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
-from lco_mini import checkpoint, runs  # noqa: E402
+from lco_mini.support import checkpoint, runs  # noqa: E402
 from test_train import SMOKE, run_train  # noqa: E402
 
 PAIR = {"anchor": {"text": "a red circle"}, "positive": {"text": "a circle, red"}, "negative": {"text": "a blue one"}}

@@ -1,8 +1,8 @@
-"""lco_mini/tasks.py: the tiny model's batches have exactly the asked size and shares, and each is a
+"""lco_mini/tiny/tasks.py: the tiny model's batches have exactly the asked size and shares, and each is a
 pure function of its seed."""
 import pytest
 
-from lco_mini import tasks, world
+from lco_mini.tiny import tasks
 
 
 def modality_of(item: dict) -> str:
@@ -44,10 +44,3 @@ def test_batches_are_pure_functions_of_the_seed():
 def test_vl_backbones_get_no_audio_calibration_pairs():
     triples = tasks.world_pair_examples(40, seed=1, multimodal_ratio=1.0, media=("image", "video"))
     assert {next(iter(anchor)) for anchor, _, _ in triples} == {"image", "video"}
-
-
-def test_summary_puts_the_content_first():
-    item = world.items("image", "train", 1, seed=0)[0]
-    assert not tasks.summary(item).startswith(("a ", "an ", "the "))
-    document = world.items("document", "train", 1, seed=0)[0]
-    assert tasks.summary(document) == document.attributes["number"]

@@ -14,7 +14,8 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
-from lco_mini import backbone, tiny
+from lco_mini import backbone
+from lco_mini.tiny import model as tiny
 
 CORPUS = ["a red circle above a blue square", "the dog barks twice", "the word 42 is written in black ink"] * 20
 

@@ -7,7 +7,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from lco_mini import render, tasks, world
+from lco_mini.tiny import render, world
 
 KINDS = [("image", "latin"), ("video", "latin"), ("audio", "latin"), ("document", "latin"),
          ("document", "alien"), ("text", "latin")]
@@ -96,22 +96,6 @@ def test_captions_worked_examples():
         "a cross changing from red to blue"
     assert world.caption("audio", dict(pitch="low", timbre="hiss", rhythm="twice", contour="rising"), 2) == \
         "beeping twice: a rising low hiss"
-
-
-def test_questions_worked_examples_and_answers_name_the_attribute():
-    audio = dict(pitch="low", timbre="hiss", rhythm="twice", contour="rising")
-    assert tasks.questions("audio", audio, 0) == [
-        ("How high is the sound?", "low"), ("What kind of sound is it?", "hiss"),
-        ("Does the sound rise or fall?", "rising"), ("What is the rhythm of the sound?", "beeping twice")]
-    recolour = dict(colour="red", shape="cross", motion="recolour", colour2="blue")
-    assert tasks.questions("video", recolour, 1) == [("What shape is it?", "plus sign"),
-                                                     ("What does the shape do?", "turning from crimson to azure")]
-    assert tasks.questions("document", {"number": "407"}) == []
-    for modality in ("image", "video", "audio"):
-        for item in world.items(modality, "train", 40, seed=3):
-            for k in (0, 1):
-                for question, answer in tasks.questions(modality, item.attributes, k):
-                    assert answer in item.captions[k], (question, answer)
 
 
 def test_every_caption_and_negative_is_in_corpus():

@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from lco_mini import evaluation
+from lco_mini.experiments import evaluation
 from lco_mini.analysis import mean_interval
-from lco_mini.rerun import embedder_after_cl
-from lco_mini.tasks import PRETRAIN_MIX
+from lco_mini.experiments.rerun import embedder_after_cl
+from lco_mini.tiny.tasks import PRETRAIN_MIX
 
 ARMS = ("cl_only", "continual_then_cl")
 SCRIPTS = ("alien", "latin")  # what the experiment is about first, then what the base already read

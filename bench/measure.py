@@ -1,6 +1,6 @@
 """Measuring tools for the kernel benchmarks: a clock with medians, peak memory, test inputs, errors, tables.
 
-Shared by the CPU benchmark (lco_mini/kernels_bench.py) and the GPU report (lco_mini/gpu_report.py); the
+Shared by the CPU benchmark (bench/kernels.py) and the GPU report (bench/gpu_report.py); the
 library never imports it.
   peak_rss_bytes(fn)        resident memory fn() adds at its peak (Linux, CPU)
   Clock(device)             .ms(fn): median time (do_bench on CUDA); .peak_bytes(fn): extra peak memory

@@ -27,7 +27,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from lco_mini import media
+from lco_mini.support import media
 
 SIDES = ("anchor", "positive", "negative")
 REQUIRED_SIDES = ("anchor", "positive")

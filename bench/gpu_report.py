@@ -1,14 +1,14 @@
 """The GPU report of the InfoNCE and pooling kernels: correctness and benchmarks in one go.
 
-    python -m lco_mini.kernels_bench --gpu-report OUTDIR             CUDA -> OUTDIR/<gpu>.md/.csv
-    python -m lco_mini.kernels_bench --gpu-report OUTDIR --dry-run   the same code on CPU: tiny shapes, interpreter
+    python -m bench.kernels --gpu-report OUTDIR             CUDA -> OUTDIR/<gpu>.md/.csv
+    python -m bench.kernels --gpu-report OUTDIR --dry-run   the same code on CPU: tiny shapes, interpreter
 
 Made to run in about 3 to 4 minutes on an H200: every section has a deadline, every provider a time
 budget, and every cell its own try block, so a slow or broken provider costs one row, never the
 report. Files are rewritten after each section. Correctness compares fp32/bf16/fp16 with the fp32
 reference; benchmarks put eager, torch.compile, chunked, Triton, inf_cl and liger_kernel side by side.
-The measuring tools (clock, memory, tables) are lco_mini/measure.py, shared with the CPU benchmark
-(lco_mini/kernels_bench.py, which also holds the command line).
+The measuring tools (clock, memory, tables) are bench/measure.py, shared with the CPU benchmark
+(bench/kernels.py, which also holds the command line).
 """
 import csv
 import gc
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lco_mini.infonce import infonce_candidates, infonce_chunked, infonce_reference, infonce_triton, triton_configs
-from lco_mini.measure import (Clock, available_bytes, eager_bytes, embeddings, errors, fmt, loss_and_grads,
+from bench.measure import (Clock, available_bytes, eager_bytes, embeddings, errors, fmt, loss_and_grads,
                               markdown)
 from lco_mini.pooling import TritonPool, pool_reference
 from lco_mini.triton_support import triton, triton_interprets
@@ -398,7 +398,7 @@ def gpu_report(outdir=None, dry_run=False):
         raise SystemExit("the report needs triton (on CPU: its interpreter)")
     if not on_gpu and not triton_interprets():
         raise RuntimeError("the dry run runs the Triton kernels in the interpreter: set TRITON_INTERPRET=1 before "
-                           "triton is imported (`python -m lco_mini.kernels_bench --gpu-report DIR --dry-run` does it)")
+                           "triton is imported (`python -m bench.kernels --gpu-report DIR --dry-run` does it)")
     device, plan = torch.device("cuda" if on_gpu else "cpu"), (_GPU_PLAN if on_gpu else _DRY_PLAN)
     env, sections, budget = _environment(device, not on_gpu), [], _Budget(plan)
     print(", ".join(f"{k}: {v}" for k, v in env.items()), flush=True)

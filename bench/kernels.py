@@ -1,11 +1,11 @@
 """The command line of the kernel benchmarks: InfoNCE (lco_mini/infonce.py) and pooling (lco_mini/pooling.py).
 
-    python -m lco_mini.kernels_bench [--threads 1] [--big]       CPU: reference vs chunked InfoNCE (time, memory)
-    python -m lco_mini.kernels_bench --gpu-report OUTDIR         CUDA: correctness + benchmarks -> OUTDIR/<gpu>.md/.csv
-    python -m lco_mini.kernels_bench --gpu-report OUTDIR --dry-run   the same code on CPU: tiny shapes, interpreter
+    python -m bench.kernels [--threads 1] [--big]       CPU: reference vs chunked InfoNCE (time, memory)
+    python -m bench.kernels --gpu-report OUTDIR         CUDA: correctness + benchmarks -> OUTDIR/<gpu>.md/.csv
+    python -m bench.kernels --gpu-report OUTDIR --dry-run   the same code on CPU: tiny shapes, interpreter
 
-This file holds the CPU table and the command line; the GPU report is lco_mini/gpu_report.py, the measuring
-tools both use (a clock with medians, peak memory, markdown tables) are lco_mini/measure.py. Nothing imports
+This file holds the CPU table and the command line; the GPU report is bench/gpu_report.py, the measuring
+tools both use (a clock with medians, peak memory, markdown tables) are bench/measure.py. Nothing imports
 this file: the library never imports a benchmark.
 """
 import argparse
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from lco_mini.gpu_report import gpu_report
+from bench.gpu_report import gpu_report
 from lco_mini.infonce import infonce_chunked, infonce_reference
-from lco_mini.measure import available_bytes, eager_bytes, embeddings, fmt, loss_and_grads, markdown, peak_rss_bytes
+from bench.measure import available_bytes, eager_bytes, embeddings, fmt, loss_and_grads, markdown, peak_rss_bytes
 from lco_mini.triton_support import triton, triton_interprets
 
 CPU_SHAPES = [(1024, 0, 256), (1024, 3, 256), (4096, 0, 128), (2048, 7, 64), (4096, 7, 128)]  # (B, hard negatives per anchor, D)
@@ -68,7 +68,7 @@ def cpu_benchmark(shapes, repeats=3):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="python -m lco_mini.kernels_bench",
+        prog="python -m bench.kernels",
         description="Benchmark the InfoNCE loss and pooling. On CPU: reference vs chunked (time, TFLOP/s, peak "
                     "memory). On CUDA: every provider (eager, torch.compile, chunked, Triton, inf_cl, liger_kernel).")
     parser.add_argument("--big", action="store_true", help="CPU: add B = N = 65536, D = 256 (16 GiB of fp32 logits; "
@@ -90,7 +90,7 @@ def main(argv=None):
         args.dry_run = True
     if args.dry_run and triton is not None and not triton_interprets():  # switch the interpreter on: start again
         args_again = list(argv if argv is not None else sys.argv[1:])
-        os.execve(sys.executable, [sys.executable, "-m", "lco_mini.kernels_bench", *args_again, *(["--dry-run"] * ("--dry-run" not in args_again))],
+        os.execve(sys.executable, [sys.executable, "-m", "bench.kernels", *args_again, *(["--dry-run"] * ("--dry-run" not in args_again))],
                   {**os.environ, "TRITON_INTERPRET": "1"})
     if args.gpu_report or torch.cuda.is_available():
         gpu_report(args.gpu_report, dry_run=args.dry_run)

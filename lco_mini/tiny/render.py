@@ -1,6 +1,6 @@
 """How the synthetic world looks and sounds: attribute values -> pixels, frames and waveforms.
 
-lco_mini/world.py decides WHAT an item is (a combination of attribute values, its captions,
+lco_mini/tiny/world.py decides WHAT an item is (a combination of attribute values, its captions,
 its split); this module decides how that combination is drawn or synthesised. Every
 function takes an np.random.Generator that only jitters things (a few pixels, a phase, the
 noise), never the meaning, and returns (media, geometry): geometry records where shapes were

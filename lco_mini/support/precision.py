@@ -4,8 +4,8 @@ train.py keeps the weights it trains and their AdamW state in fp32 (bf16 would r
 and runs each forward pass under torch.autocast: matmuls in bf16, reductions and norms in fp32.
 That pays only where bf16 matmuls are native:
   * CUDA GPUs (bf16 tensor cores);
-  * x86 CPUs with AVX512-BF16 or AMX-BF16. On this project's 2-core CPU box a [2048 x 256] @
-    [256 x 1024] matmul runs at ~390 GFLOP/s in bf16 against ~130 in fp32 (2 threads).
+  * x86 CPUs with AVX512-BF16 or AMX-BF16, where a bf16 matmul runs about three times as fast as
+    an fp32 one.
 Elsewhere bf16 is emulated and slower than fp32, so "auto" picks fp32 there. `--precision fp32`
 turns autocast off; the tests run in fp32 (LCO_MINI_PRECISION=fp32, set by tests/conftest.py).
 On CUDA the frozen base of the contrastive stages, a real backbone's weights and the models the
@@ -15,8 +15,8 @@ they are fp32.
 Training every weight (the tiny model's pretraining from scratch) goes one step further: the
 steps run on a bf16 copy of the model (Bf16Copy), whose gradients are handed to the fp32 model
 for AdamW. Autocast casts every weight and activation at every op; a model that is bf16
-throughout skips those casts: a tiny pretraining step's forward + backward took 18% less (one thread;
-13% of a whole step with two, `python train.py --profile-steps 8`, same batches).
+throughout skips those casts, which take a sixth of a tiny pretraining step's forward + backward
+(`python train.py --profile-steps 8` shows where a step's time goes).
 The contrastive loss is always computed in fp32 on fp32 embeddings: at temperature 0.03 a bf16
 similarity (3 significant digits) would move the logits by ~0.1.
 """

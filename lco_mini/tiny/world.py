@@ -20,7 +20,7 @@ negatives stay in the training split: no held-out caption reaches training text
 (only corpus(), which fits the tokenizer, lists every string).
 
 Deterministic: the same (modality, split, n, seed) gives bit-identical items.
-Look at it:  python -m lco_mini.world --dump out/world --n 8
+Look at it:  python -m lco_mini.tiny.world --dump out/world --n 8
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lco_mini.render import (COLOUR_RGB, CONTOURS, PITCH_HZ, POSITION_XY, RHYTHMS, SAMPLE_RATE, SIZE_PX,
+from lco_mini.tiny.render import (COLOUR_RGB, CONTOURS, PITCH_HZ, POSITION_XY, RHYTHMS, SAMPLE_RATE, SIZE_PX,
                              render_audio, render_document, render_image, render_video)
 
 # ----------------------------------------------------------------------------- the world at a glance
@@ -82,14 +82,12 @@ TEMPLATES = {
 N_PARAPHRASES = 4
 # Documents show numbers, not words: Qwen2's pre-tokenizer splits every number into single digits,
 # so a held-out number is a new combination of trained tokens. A held-out *word* would be one BPE
-# token that no training text ever contains, and no model could read it out (with English words
-# here, document->text stayed at chance in every column).
+# token that no training text ever contains, and no model could read it out.
 NUMBERS = tuple(str(n) for n in range(100, 1000))
 HELDOUT_COLOUR_SHAPE = {("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")}
 # Audio holds out pitch x rhythm: what is heard x when, which a sound carries independently (as an
-# image carries colour and shape). Pitch x timbre was held out first and failed: a low buzz's odd
-# harmonics reach as high as a high tone's, and after CL the top caption had the wrong pitch for 99%
-# of held-out sounds, the right one for 100% of trained combinations (evaluation.py --attributes).
+# image carries colour and shape). Pitch x timbre cannot be held out: a low buzz's odd harmonics
+# reach as high as a high tone's, so an unseen buzz is heard at the wrong pitch (docs/experiments.md).
 HELDOUT_PITCH_RHYTHM = {("low", "pulsing"), ("mid", "twice"), ("high", "steady")}
 # ~20% of numbers (180 of 900); every digit still occurs at every position in training.
 HELDOUT_NUMBERS = {n for n in NUMBERS if sum(map(int, n)) % 5 == 0}

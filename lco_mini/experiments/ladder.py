@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from lco_mini import evaluation
+from lco_mini.experiments import evaluation
 from lco_mini.analysis import grsl_fit
-from lco_mini.rerun import embedder_after_cl
+from lco_mini.experiments.rerun import embedder_after_cl
 
 MODALITIES = ("image", "video", "audio", "document")
 TASK = {modality: f"{modality}->text" for modality in MODALITIES}
 
 # The paper's own points (generation score, representation score after text-only CL), read off
-# its GRSL figure (../shared/DESIGN.md): plotted beside ours for reference.
+# its GRSL figure (arXiv 2510.11693): plotted beside ours for reference.
 PAPER_POINTS = {
     "OCR tasks": {"LLaVA-Next-8B": (64, 66.5), "Qwen2.5-VL-3B": (78, 69.7), "Omni-3B": (77, 71.2),
                   "Omni-7B": (80.7, 73.4), "VL-7B": (81, 75.0)},

@@ -18,7 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from lco_mini import analysis, checkpoint, data, tasks, world
+from lco_mini import analysis
+from lco_mini.support import checkpoint, data
+from lco_mini.tiny import tasks, world
 
 
 class GeometryError(ValueError):
@@ -28,7 +30,7 @@ class GeometryError(ValueError):
 MEASURES = {"mutual_knn": lambda a, b, k: analysis.mutual_knn(a, b, k),
             "unbiased_cka": lambda a, b, k: analysis.cka(a, b, unbiased=True),
             "cknna": lambda a, b, k: analysis.cknna(a, b, k)}
-CACHE_VERSION = 2  # bump when what is embedded changes, so old caches are not reused (2: documents are numbers)
+CACHE_VERSION = 2  # part of every cache key: bump it when what is embedded changes, so old caches are not reused
 
 
 # ----------------------------------------------------------------------------- which items
@@ -88,6 +90,7 @@ def embed_groups(args, model: str, groups: dict) -> dict[str, dict[str, torch.Te
         cached = None
     if cached is None:
         from lco_mini import backbone  # lazy: a cached rerun needs no model
+        from lco_mini.embedder import Embedder
         transformers.utils.logging.disable_progress_bar()  # our own progress bar says what happens
         transformers.utils.logging.set_verbosity_error()
         try:
@@ -99,7 +102,7 @@ def embed_groups(args, model: str, groups: dict) -> dict[str, dict[str, torch.Te
                   if all(set(item) - {"text"} <= set(kinds) for item in sides[0] + sides[1])}
         items = [item for media, text in usable.values() for item in media + text]
         print(f"{Path(model).name}: embedding {len(items)} items at every layer")
-        embedder = backbone.Embedder(loaded, processor, batch_size=args.batch_size, device=args.device)
+        embedder = Embedder(loaded, processor, batch_size=args.batch_size, device=args.device)
         vectors = embedder.embed(items, layers="all") if items else None
         cached, start = {"groups": {}, "skipped": sorted(set(groups) - set(usable)),
                          "processor": type(processor).__name__}, 0

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import math
-import operator
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 
-from lco_mini import backbone, checkpoint, data, distributed, evaluation, precision
-from lco_mini.distributed import say
+from lco_mini import backbone
+from lco_mini.experiments import evaluation
+from lco_mini.support import checkpoint, data, distributed, precision
+from lco_mini.support.distributed import say
 
 # What each stage writes into --out (run_config.json, written by every run, is not a result).
 # base-step*: the snapshots of the tiny pretraining (--snapshot-steps), the GRSL ladder of analyze.py.
@@ -36,8 +36,8 @@ RUN_CONFIG = "run_config.json"  # not config.json: that name belongs to model fo
 SHARED_KEYS = ("model", "seed", "tiny_size", "weight_decay", "grad_clip", "lora_r", "lora_alpha", "lora_dropout",
                "max_text_tokens", "precision")
 RUN_KEYS = {
-    "pretrain": SHARED_KEYS + ("pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_warmup", "pretrain_task",
-                               "pretrain_mix", "pretrain_qa", "pretrain_data", "continue_from"),
+    "pretrain": SHARED_KEYS + ("pretrain_steps", "pretrain_batch", "pretrain_lr", "pretrain_warmup",
+                               "pretrain_mix", "pretrain_data", "continue_from"),
     "contrastive": SHARED_KEYS + ("data", "steps", "batch_size", "micro_batch", "hard_negatives", "multimodal_ratio",
                                   "temperature", "lr", "warmup"),
 }
@@ -48,30 +48,6 @@ class RunError(ValueError):
 
 
 # ----------------------------------------------------------------------------- options
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other user mistake (not usage + error)
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def number(kind=int, low=None, above=None, high=None, below=None):
-    """An argparse type: an int or finite float within the given bounds (a bad value exits 2 naming
-    the option, before any work: --steps 0 or --lr -1 would train nothing, or fail after a step)."""
-    bounds = [(b, sign, test) for b, sign, test in [(low, ">=", operator.ge), (above, ">", operator.gt),
-                                                    (high, "<=", operator.le), (below, "<", operator.lt)] if b is not None]
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        for bound, sign, test in bounds:
-            if not (math.isfinite(value) and test(value, bound)):
-                raise argparse.ArgumentTypeError(f"must be {sign} {bound}, got {text}")
-        return value
-    return parse
-
 
 def device_problem(device: str | None) -> str | None:
     """What is wrong with a --device value (train.py and embed.py), or None when it can be used."""
@@ -88,13 +64,13 @@ def device_problem(device: str | None) -> str | None:
     return None
 
 
-def check_device(p: Parser, device: str | None) -> None:
+def check_device(p: argparse.ArgumentParser, device: str | None) -> None:
     problem = device_problem(device)
     if problem:
         p.error(f"argument --device: {problem}")
 
 
-def settle_options(p: Parser, args) -> None:
+def settle_options(p: argparse.ArgumentParser, args) -> None:
     """train.py's options, checked together (one line and exit 2 for a combination that cannot run), and
     completed: --profile-steps sets the steps and turns off evaluation and snapshots, --snapshot-steps
     becomes a list of steps, --warmup defaults to 10% of the CL steps (at most 100)."""
@@ -122,7 +98,7 @@ def settle_options(p: Parser, args) -> None:
         args.warmup = min(100, max(1, args.steps // 10))
 
 
-def snapshot_steps(p: Parser, args) -> list[int]:
+def snapshot_steps(p: argparse.ArgumentParser, args) -> list[int]:
     """--snapshot-steps as a sorted list of steps, each inside the tiny pretraining."""
     if args.snapshot_steps and args.model != "tiny":
         p.error("--snapshot-steps is for the tiny model's pretraining (a real backbone's LoRA is merged once, at the end)")

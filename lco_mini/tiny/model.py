@@ -258,11 +258,11 @@ def build_tiny(out_dir, seed: int = 0, corpus: list[str] | None = None, vocab_si
                **size_overrides) -> Path:
     """Build the tiny thinker + processor, save both to `out_dir` and return its Path.
 
-    corpus: texts for the BPE (default: `lco_mini.world.corpus()`); vocab_size: BPE merges
+    corpus: texts for the BPE (default: `lco_mini.tiny.world.corpus()`); vocab_size: BPE merges
     target before the special tokens; size_overrides: keys of TINY_SIZE. Same arguments,
     same seed -> byte-identical files."""
     if corpus is None:
-        from lco_mini import world  # lazy: the world is only needed for the default corpus
+        from lco_mini.tiny import world  # lazy: the world is only needed for the default corpus
         corpus = world.corpus()
     tokenizer = build_tokenizer(corpus, vocab_size=vocab_size)
     processor = build_processor(tokenizer)

@@ -14,8 +14,8 @@ held-out item? It ranks the candidate captions by their likelihood as the answer
 "Describe the above audio." and reports how often the top caption is right, per
 attribute. Text-only contrastive learning can only bring out what this already knows.
 
-    python -m lco_mini.evaluation out/merged                       # the retrieval table
-    python -m lco_mini.evaluation out/base --captioning --n 27     # the captioning probe
+    python -m lco_mini.experiments.evaluation out/merged                       # the retrieval table
+    python -m lco_mini.experiments.evaluation out/base --captioning --n 27     # the captioning probe
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lco_mini import tasks, world
+from lco_mini.tiny import tasks, world
 from lco_mini.analysis import mean_reciprocal_rank, recall_at_k, similarity, target_ranks
 
 # task name -> (world modality, how to embed the query side)
@@ -85,7 +85,7 @@ def evaluate(embedder, n: int = 300, seed: int = 1234, split: str = "heldout",
     modality transfers there but not on the held-out split, what fails is composition (a
     new combination of known attributes), not the alignment that contrastive learning uses.
     attributes=True adds, per attribute, how often the top-ranked caption has it right."""
-    # what the backbone takes (backbone.Embedder.kinds); a stand-in embedder without it takes everything
+    # what the backbone takes (Embedder.kinds); a stand-in embedder without it takes everything
     results, takes = {}, getattr(embedder, "kinds", ("text", "image", "video", "audio"))
     for task, (modality, kind) in TASKS.items():
         needs = "text" if kind == "paraphrase" else kind
@@ -249,17 +249,18 @@ def main(argv=None) -> None:
     if args.n < 2:
         p.error("--n must be at least 2")
     from lco_mini import backbone
+    from lco_mini.embedder import Embedder
     try:
         model, processor = backbone.load(args.model, device=args.device)
     except (OSError, ValueError) as error:
         print(f"error: cannot load {args.model!r}: {error}", file=sys.stderr)
         sys.exit(2)
     if args.data:
-        from lco_mini import data
+        from lco_mini.support import data
         try:
             pairs, _ = data.read_jsonl(args.data)
             data.check_processor_takes(pairs, processor, args.data)
-            results = evaluate_pairs(backbone.Embedder(model, processor, device=args.device), pairs)
+            results = evaluate_pairs(Embedder(model, processor, device=args.device), pairs)
         except (data.DataError, ValueError) as error:
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
@@ -268,7 +269,7 @@ def main(argv=None) -> None:
             print(f"{task:<24} R@10 {100 * r['R@10']:5.1f}  MRR {r['MRR']:.3f}")
         return
     if not args.captioning:
-        embedder = backbone.Embedder(model, processor, device=args.device)
+        embedder = Embedder(model, processor, device=args.device)
         results = evaluate(embedder, n=args.n, seed=args.seed, split=args.split, attributes=args.attributes)
         print(format_table({f"{args.model} ({args.split})": results}))
         for task, result in results.items():

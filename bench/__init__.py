@@ -1,0 +1,1 @@
+"""Benchmarks of the kernels (python -m bench.kernels): outside the library, which never imports them."""
