@@ -45,6 +45,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -52,7 +53,7 @@ import transformers  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from lco_mini.experiments import continual, geometry, ladder, plots, rerun  # noqa: E402
-from lco_mini.support import data, runs, sources  # noqa: E402
+from lco_mini.support import checkpoint, data, lock, runs, sources  # noqa: E402
 from lco_mini.support.cli import fail  # noqa: E402
 from lco_mini.tiny import world  # noqa: E402
 
@@ -90,6 +91,11 @@ def get_args(argv=None) -> argparse.Namespace:
                       help="continual: share of each batch that reads the alien script; the rest replays the "
                            "run's pretraining mix (default: 0.5)")
     args = p.parse_args(argv)
+    if args.command in ("grsl", "continual"):
+        unused = [flag for flag, value in (("--model", args.model), ("--data", args.data)) if value]
+        if unused:
+            p.error(f"{args.command} measures the bases of --run (default: out), so it takes no "
+                    f"{' or '.join(unused)}")
     args.n = args.n or (100 if args.command in ("grsl", "continual") and args.quick else 300)
     args.probe_n = args.probe_n or (12 if args.quick else 27)
     if not (args.continual_lr > 0 and math.isfinite(args.continual_lr)):
@@ -135,11 +141,29 @@ def _cache_key(*parts) -> str:
     return hashlib.sha1(json.dumps([geometry.CACHE_VERSION, *parts], default=str).encode()).hexdigest()[:12]
 
 
-def _cached(path: Path, compute) -> dict:
+def _cache_entry(path: Path) -> dict | None:
+    """A cached JSON result, or None when there is none; an entry that cannot be read (cut short,
+    emptied, edited) is computed again, with a note naming it."""
+    if not path.is_file():
+        return None
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        entry = error
+    if isinstance(entry, dict) and entry:
+        return entry
+    print(f"note: {path}: an unreadable cache entry ({' '.join(str(entry).split())[:80] or 'empty'}); computing it again")
+    return None
+
+
+def _cached(path: Path, compute, bar=None, work: int = 0) -> dict:
     """compute()'s JSON result, kept at `path` (written whole or not at all): a rerun, or one cut
-    short, does not compute it again."""
-    if path.is_file():
-        return json.loads(path.read_text())
+    short, does not compute it again (the progress bar moves by `work` instead)."""
+    entry = _cache_entry(path)
+    if entry is not None:
+        if bar is not None:
+            bar.update(work)
+        return entry
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".partial").write_text(json.dumps(result))
@@ -157,11 +181,10 @@ def _measured(args, cl, kind: str, folder: Path) -> Path:
 def rung_result(args, cl, device, contrastive, step: int, folder: Path, bar) -> dict:
     """One rung's scores, from the cache when this rung was measured with the same options."""
     cache = _measured(args, cl, "grsl", folder)
-    if cache.is_file():
-        bar.update(ladder.work(args.probe_n, cl.steps))
     return _cached(cache, lambda: ladder.measure_rung(
         folder, step, contrastive, device, probe_n=args.probe_n, n=args.n, seed=cl.seed + 1234, steps=cl.steps,
-        batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar))
+        batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar),
+        bar, ladder.work(args.probe_n, cl.steps))
 
 
 def _run_config(run: Path) -> dict:
@@ -223,7 +246,9 @@ def continual_base(args, run: Path, config: dict, steps: int, precision_used: st
     key = _cache_key("continual-base", str((run / "base").resolve()), geometry.stamp(run / "base"), mix, steps,
                      args.continual_lr, config["seed"], precision_used)
     folder = Path(args.out) / "cache" / f"continual-{key}"
-    if not (folder / "base").is_dir():
+    if (folder / "base").is_dir() and not _readable_model(folder / "base"):
+        print(f"note: {folder / 'base'}: an unreadable cached model; training it again")
+    if not _readable_model(folder / "base"):
         bar.set_description(f"continual pretraining: {steps} steps, {args.continual_share:.0%} reading the alien script")
         argv = continual.continual_argv(run / "base", folder, mix, steps, args.continual_lr, config["seed"],
                                         device=args.device, precision=precision_used)
@@ -231,10 +256,26 @@ def continual_base(args, run: Path, config: dict, steps: int, precision_used: st
             print(f"--- python train.py {' '.join(argv)}")
             try:
                 train.main(argv + (["--overwrite"] if folder.exists() else []))  # a stage cut short starts again
-            except (train.TrainingError, runs.RunError) as error:
+            except (train.TrainingError, runs.RunError, checkpoint.CheckpointError, lock.LockError) as error:
                 fail(f"continual pretraining: {error}")
     bar.update(steps)
     return folder / "base"
+
+
+def _readable_model(folder: Path) -> bool:
+    """A cached model folder that is whole: its config parses and every weight file's header fits
+    the file (a copy cut short by a full disk or a kill does not)."""
+    from safetensors import safe_open
+
+    try:
+        json.loads((folder / "config.json").read_text())
+        weights = sorted(folder.glob("*.safetensors"))
+        for file in weights:
+            with safe_open(str(file), framework="pt") as opened:
+                opened.keys()
+        return bool(weights)
+    except Exception:  # missing, unparsable, truncated: any of them means "train it again"
+        return False
 
 
 def continual_experiment(args) -> None:
@@ -256,11 +297,10 @@ def continual_experiment(args) -> None:
         arms = {}
         for name, folder in bases.items():
             cache = _measured(args, cl, f"continual-{name}", folder)
-            if cache.is_file():
-                bar.update(continual.work(args.probe_n, cl.steps))
             arms[name] = _cached(cache, lambda: continual.measure_arm(
                 folder, contrastive, device, args.probe_n, args.n, seed=cl.seed + 1234, cl_steps=cl.steps,
-                batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar))
+                batch_size=args.batch_size, max_text_tokens=cl.max_text_tokens, bar=bar),
+                bar, continual.work(args.probe_n, cl.steps))
     report = {**continual.summary(arms, steps, n_boot=args.boot), "run": args.run,
               "options": {"continual_steps": steps, "continual_lr": args.continual_lr,
                           "continual_share": args.continual_share, "retrieval_queries": args.n,
@@ -276,6 +316,37 @@ def continual_experiment(args) -> None:
 
 def main(argv=None) -> None:
     args = get_args(argv)
+    check_out(Path(args.out))
+    try:
+        with lock.hold(args.out, f"analyze.py {args.command}"):  # one run per --out
+            run(args)
+    except lock.LockError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        print(f"interrupted: what was measured is kept in {Path(args.out) / 'cache'}; run the same command "
+              f"again to continue", file=sys.stderr)
+        sys.exit(130)
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder this run can write, checked before any work (try it: permission bits
+    say nothing for root, or on a read-only file system)."""
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: is a file, not a folder")
+    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"--out {out}: cannot write in {existing}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / ".write-test", "w"):
+            pass
+        (out / ".write-test").unlink()
+    except OSError as error:
+        fail(f"--out {out}: cannot write there ({error.strerror or error})")
+
+
+def run(args) -> None:
+    """The measurement `args.command` names, its JSON, plot and table."""
     if args.command == "grsl":
         return grsl(args)
     if args.command == "continual":

@@ -15,13 +15,16 @@ LCO-Emb finding). So a file's best-matching text is a zero-shot label: give
 candidate texts with --text next to the files and the script prints the
 cosine similarity of every file to every text, and the best text per file.
 
-Every input is decoded *before* the model is loaded: a typo in the tenth file
-name fails in a second, with one line naming it, not after a minute of loading.
+Every input is checked *before* the model is loaded (that it exists, is a regular
+file of a known kind, and has a readable header): a typo in the tenth file name
+fails in a second, with one line naming it, not after a minute of loading. Files
+are then decoded batch by batch, so memory does not grow with their number.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,10 +36,6 @@ from lco_mini.support.cli import Parser, fail
 DEFAULT_MODEL = "out/merged"  # the folder `python train.py` writes
 PREVIEW_VALUES = 4  # how many leading values to print per vector
 OUT_FORMATS = (".npy", ".jsonl")
-# Images are decoded to at most this many pixels before the model is known: the largest budget of
-# the supported processors (Qwen2-VL's max_pixels), so a huge photo never sits in memory whole.
-# The model's processor then shrinks them to its own budget.
-DECODE_MAX_PIXELS = 12_845_056
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -53,14 +52,13 @@ def get_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def decode_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, object]]:
-    """(label, modality, decoded input) per input, files then texts; any bad input -> fail()."""
+def check_inputs(paths: list[str], texts: list[str]) -> list[tuple[str, str, str]]:
+    """(label, modality, path or text) per input, files then texts, each file checked from its
+    header (nothing is decoded yet); any bad input -> fail()."""
     decoded = []
     for path in paths:
         try:
-            modality = media.modality_of(path)
-            load = media.LOADERS[modality]
-            decoded.append((path, modality, load(path, max_pixels=DECODE_MAX_PIXELS) if modality == "image" else load(path)))
+            decoded.append((path, media.probe(path), path))
         except media.MediaError as e:  # its message already names the file
             fail(str(e))
     for i, text in enumerate(texts, 1):
@@ -152,37 +150,36 @@ def note_cut_audio(embedder, decoded) -> None:
     from lco_mini import backbone
 
     window = backbone.audio_window(embedder.processor)
-    for label, modality, samples in decoded:
-        if modality == "audio" and window and len(samples) > window * 16000:
-            print(f"note: {label}: {len(samples) / 16000:.1f} s of audio; the model uses the first {window:.0f} s")
+    for label, modality, path in decoded:
+        seconds = media.audio_seconds(path) if modality == "audio" else 0
+        if window and seconds > window:
+            print(f"note: {label}: {seconds:.1f} s of audio; the model uses the first {window:.0f} s")
 
 
 def embed_all(embedder, decoded) -> np.ndarray:
-    """[N, D] float32 in input order; each modality goes through the model in batches of its own."""
-    embed_fn = {"text": embedder.embed_texts, "image": embedder.embed_images,
-                "audio": embedder.embed_audios, "video": embedder.embed_videos}
-    rows = [None] * len(decoded)
-    for modality, fn in embed_fn.items():
-        positions = [i for i, (_, m, _) in enumerate(decoded) if m == modality]
-        if positions:
-            vectors = fn([decoded[i][2] for i in positions]).numpy()
-            for i, vector in zip(positions, vectors):
-                rows[i] = vector
-    return np.stack(rows).astype(np.float32)
+    """[N, D] float32 in input order; the files are decoded batch by batch, inside the embedder."""
+    try:
+        return embedder.embed([{modality: value} for _, modality, value in decoded]).numpy().astype(np.float32)
+    except media.MediaError as e:  # a file whose header was fine but whose data is not
+        fail(str(e))
 
 
 def save(out: str, decoded, vectors: np.ndarray) -> None:
-    """Write to exactly the path given (np.save(name) would append .npy to 'X.NPY')."""
+    """Write to exactly the path given (np.save(name) would append .npy to 'X.NPY'), through a
+    temporary file beside it and a rename: a full disk leaves an earlier file whole, never empty."""
+    tmp = Path(out).with_name(Path(out).name + ".partial")
     try:
         if out.lower().endswith(".npy"):
-            with open(out, "wb") as f:
+            with open(tmp, "wb") as f:
                 np.save(f, vectors)
         else:
-            with open(out, "w") as f:
+            with open(tmp, "w") as f:
                 for (label, modality, _), vector in zip(decoded, vectors):
                     f.write(json.dumps({"input": label, "modality": modality, "vector": vector.tolist()}) + "\n")
+        os.replace(tmp, out)
     except OSError as e:  # a full disk, say; the checks before the model cover the usual mistakes
-        fail(f"{out}: cannot write it ({e.strerror or e})")
+        tmp.unlink(missing_ok=True)
+        fail(f"{out}: cannot write it ({e.strerror or e}); an earlier {out} is left as it was")
     print(f"saved {len(vectors)} vectors of dim {vectors.shape[1]} to {out}")
 
 
@@ -218,7 +215,7 @@ def main(argv=None) -> None:
     if args.batch_size < 1:
         fail(f"--batch-size must be at least 1, got {args.batch_size}")
     check_out(args.out)
-    decoded = decode_inputs(args.inputs, args.text)
+    decoded = check_inputs(args.inputs, args.text)
     check_model(args.model, args.adapter)
 
     from lco_mini.embedder import Embedder  # imports torch + transformers: only once the inputs are known good

@@ -35,6 +35,7 @@ from lco_mini.support import cli as command_line
 command_line.spin_briefly()  # how idle OpenMP threads wait is read when torch loads: set it first
 
 import argparse  # noqa: E402 (after the OpenMP setting)
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 import shutil  # noqa: E402
@@ -51,7 +52,7 @@ from lco_mini.embedder import Embedder  # noqa: E402
 from lco_mini.experiments import evaluation  # noqa: E402
 from lco_mini.loop import TrainingError  # noqa: E402
 from lco_mini.stages import build_tiny_init, run_contrastive, run_pretrain, save_contrastive  # noqa: E402
-from lco_mini.support import checkpoint, data, distributed, media, precision, runs  # noqa: E402
+from lco_mini.support import checkpoint, data, distributed, lock, media, precision, runs  # noqa: E402
 from lco_mini.support.cli import number  # noqa: E402
 from lco_mini.support.distributed import say  # noqa: E402
 from lco_mini.tiny import model as tiny  # noqa: E402
@@ -130,7 +131,9 @@ def get_args(argv=None) -> argparse.Namespace:
     cl.add_argument("--grad-clip", type=number(float, low=0), default=1.0, help="clip the global gradient norm (0 = off)")
     cl.add_argument("--max-text-tokens", type=number(low=1), default=media.MAX_TEXT_TOKENS,
                     help="cut every text to this many tokens, in training and evaluation (as embed.py does; "
-                         "the official code: 650); the tiny world's texts are far shorter")
+                         "the official code: 650); the tiny world's texts are far shorter. A batch pads to its "
+                         "longest text, so one long text makes a step cost batch x 3 items x this many tokens "
+                         "(attention: its square); lower it, or --micro-batch, to bound a step's memory")
     cl.add_argument("--skip-bad", action="store_true", help="skip (and count) bad jsonl lines instead of stopping")
 
     gen = p.add_argument_group("generative pretraining (stage 1)")
@@ -202,17 +205,25 @@ def main(argv=None) -> None:
     out = Path(tempfile.mkdtemp(prefix="lco_mini_profile_") if args.profile_steps else args.out)
     setup = (f"device: {device} | processes: {world_size} | torch {torch.__version__} | "
              f"threads {torch.get_num_threads()} | precision {args.precision} ({why})")
+    main_process = distributed.is_main()
     try:
-        run_stages(args, device, out, setup)
+        if main_process:
+            lock.check_free(out)  # a busy --out is refused first, naming the run that holds it
+        checked = runs.check_run(args, out)  # everything that can fail, before anything is written
+        with lock.hold(out, "train.py") if main_process else contextlib.nullcontext():  # one run per --out
+            run_stages(args, device, out, setup, checked)
+    except KeyboardInterrupt:
+        command_line.interrupted("train.py", argv, out, resumable=not args.profile_steps)
     finally:
         if args.profile_steps:
             shutil.rmtree(out, ignore_errors=True)
     distributed.cleanup()
 
 
-def run_stages(args, device, out: Path, setup: str) -> None:
-    """Check everything, then pretrain, contrastive learning, control and evaluation, as asked."""
-    replaced, pairs, pretrain_pairs, eval_pairs = runs.check_run(args, out)
+def run_stages(args, device, out: Path, setup: str, checked: tuple) -> None:
+    """Pretrain, contrastive learning, control and evaluation, as asked, once runs.check_run has
+    `checked` everything (what --overwrite replaces, the contrastive, pretraining and eval pairs)."""
+    replaced, pairs, pretrain_pairs, eval_pairs = checked
     if replaced and distributed.is_main():
         say(f"--overwrite: replacing {', '.join(p.name for p in replaced)} in {out}")
         runs.delete(replaced)
@@ -244,7 +255,7 @@ def run_stages(args, device, out: Path, setup: str) -> None:
     merged = save_contrastive(*run_contrastive(args, device, base, out, pairs), base, out, "contrastive")
     runs_to_evaluate = {}
     if not args.no_eval:
-        runs_to_evaluate["(a) base"] = backbone.load(base, device=device)
+        runs_to_evaluate["(a) base"] = backbone.load(base, device=device, precision_used=args.precision)
         runs_to_evaluate["(b) text-only CL"] = merged
         if args.model == "tiny" and not args.no_control:
             # (c) the control: the same contrastive learning on the same tiny model before any pretraining
@@ -262,7 +273,7 @@ def cli(argv=None) -> None:
     """main(), with a user mistake as one line on stderr and exit code 2 instead of a traceback."""
     try:
         main(argv)
-    except (TrainingError, data.DataError, runs.RunError, checkpoint.CheckpointError) as err:
+    except (TrainingError, data.DataError, runs.RunError, checkpoint.CheckpointError, lock.LockError) as err:
         command_line.fail(str(err))
 
 

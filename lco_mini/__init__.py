@@ -30,13 +30,18 @@ experiments/      the paper's experiments on a trained run (analyze.py, train.py
   rerun           a run's own contrastive learning, rerun on another base
   plots           the figures
 
+interop/          using a trained model elsewhere
+  export          the files sentence-transformers and vLLM read (written into every saved model)
+  mteb_model      an mteb encoder, and the world's held-out retrieval as an offline mteb task
+
 support/          what keeps runs safe and inputs well-formed
-  cli             one-line errors (exit 2), bounded numbers, the OpenMP setting; no torch
+  cli             one-line errors (exit 2), bounded numbers, Ctrl-C, the OpenMP setting; no torch
   runs            whether a run may start: options, model, data, output folder, --resume
+  lock            one run per output folder
   sources         what a --model string names: a folder or a hub id; no torch
   checkpoint      crash-safe checkpoints: atomic writes, every RNG state
   precision       bf16 where the hardware has it, fp32 trained weights
-  media           decoding images, audio and video files safely
+  media           checking and decoding image, audio and video files safely
   data            the official jsonl format (+ audio/video), checked line by line
   distributed     torchrun / DDP and cross-device negatives
 

@@ -50,7 +50,7 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
 from lco_mini import pooling
-from lco_mini.support import media, sources
+from lco_mini.support import media, precision, sources
 
 # The paper's prompts, appended after the item inside the user turn.
 PROMPTS = {
@@ -89,14 +89,17 @@ def load_config(name_or_path):
     return source, config
 
 
-def _default_device_dtype(device, dtype):
+def _default_device_dtype(device, dtype, stored_dtype=None, precision_used=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    if dtype is None:  # bf16 where it is fast and safe (CUDA); fp32 on CPU for exact tests
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:  # bf16 on CUDA; on a CPU, a bf16 checkpoint stays bf16 where bf16 is native
+        if precision_used is None and device.type == "cpu":  # the command's --precision, else the default
+            requested = precision.DEFAULT if precision.DEFAULT in precision.CHOICES else "fp32"
+            precision_used = precision.choose(requested, device)[0]
+        dtype = precision.load_dtype(device, precision_used, stored_dtype)
     return device, dtype
 
 
@@ -110,6 +113,19 @@ def _video_kwargs(processor) -> dict:
         return {}
     return {"videos_kwargs": {"size": {"shortest_edge": video.size["shortest_edge"],
                                        "longest_edge": video.size["longest_edge"]}}}
+
+
+def _audio_kwargs(processor, clips: list) -> dict:
+    """Qwen2.5-Omni's processor pads every clip to its feature extractor's whole window before the
+    mel transform: 300 s for the real model, 0.6 s of CPU and 15 MB of features for a 2 s clip.
+    Padding to the batch's longest clip plus one FFT window gives every real frame the samples it
+    would see in the whole window, so the same features (tested bit for bit), and the audio tower
+    reads only the real frames (feature_attention_mask)."""
+    features = processor.feature_extractor
+    if not all(hasattr(features, name) for name in ("n_samples", "hop_length", "n_fft")):
+        return {}
+    hop, longest = features.hop_length, max(len(clip) for clip in clips)
+    return {"audio_kwargs": {"max_length": min(features.n_samples, -(-(longest + features.n_fft) // hop) * hop)}}
 
 
 def load_processor(source):
@@ -131,12 +147,15 @@ def record_attention(folder, implementation: str) -> None:
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def load(name_or_path, device=None, dtype=None):
+def load(name_or_path, device=None, dtype=None, precision_used=None):
     """(model, processor) for a Qwen2.5-Omni, Qwen2.5-VL, Qwen2-VL or other image-text-to-text
-    checkpoint, from a local folder or a hub id. dtype: bf16 on CUDA, fp32 on CPU by default.
-    The processor's tokenizer pads on the left (see the module docstring)."""
+    checkpoint, from a local folder or a hub id. dtype by default: bf16 on CUDA; on a CPU, bf16 for
+    a checkpoint stored in bf16 when precision_used (train.py's --precision; default: auto, env
+    LCO_MINI_PRECISION) is bf16, else fp32 (precision.load_dtype). The processor's tokenizer pads
+    on the left (see the module docstring)."""
     source, config = load_config(name_or_path)
-    device, dtype = _default_device_dtype(device, dtype)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    device, dtype = _default_device_dtype(device, dtype, stored, precision_used)
     model_class = ARCHITECTURES.get(config.model_type, AutoModelForImageTextToText)
     if config.model_type == "qwen2_5_omni":
         # transformers strips the "thinker." prefix of the full checkpoint's weight names when
@@ -188,6 +207,9 @@ def truncate_text(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bo
     is cut: cutting the whole prompt would drop the instruction and the last token we pool."""
     if max_tokens is None:
         return text, False
+    # The first max_tokens tokens lie within max_tokens * (the longest token) characters: cut the
+    # string there first, so a 20 MB text costs what its first few thousand characters cost.
+    text = text[:(max_tokens + 1) * _longest_token(tokenizer)]
     fast = getattr(tokenizer, "is_fast", False)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast, verbose=False)
     ids = encoding["input_ids"]
@@ -196,6 +218,16 @@ def truncate_text(tokenizer, text: str, max_tokens: int | None) -> tuple[str, bo
     if fast:  # cut the original string at a token boundary (decode could alter whitespace)
         return text[:encoding["offset_mapping"][max_tokens - 1][1]], True
     return tokenizer.decode(ids[:max_tokens]), True
+
+
+def _longest_token(tokenizer) -> int:
+    """The most characters one token can stand for (cached on the tokenizer: the vocabulary is
+    read once). Byte-level BPE tokens are shown in their byte alphabet: one character a byte."""
+    longest = getattr(tokenizer, "_lco_longest_token", None)
+    if longest is None:
+        longest = max(len(token) for token in tokenizer.get_vocab()) + 1
+        tokenizer._lco_longest_token = longest
+    return longest
 
 
 def image_budget(processor) -> int | None:
@@ -257,7 +289,7 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None,
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         for kind in MEDIA:
             if item.get(kind) is not None:
-                media_lists[kind].append(media.LOADERS[kind](item[kind]))
+                media_lists[kind].append(_decode(processor, kind, item[kind]))
     for kind in MEDIA:
         if media_lists[kind] and kind not in input_kinds(processor):
             raise ValueError(f"{type(processor).__name__} takes no {kind}: use an Omni model for {kind} items")
@@ -269,10 +301,21 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None,
     kwargs = {name: value for name, value in kwargs.items() if value}  # processors reject empty lists
     if media_lists["video"]:
         kwargs.update(_video_kwargs(processor))
+    if media_lists["audio"]:
+        kwargs.update(_audio_kwargs(processor, media_lists["audio"]))
     batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)
     if targets is not None:
         batch["labels"] = _answer_labels(processor.tokenizer, batch["input_ids"], answers)
     return batch
+
+
+def _decode(processor, kind: str, value):
+    """A path or an object -> what the processor takes. Of an audio file only the model's window
+    (and a second more, so that resampling ends as it would on the whole file) is read."""
+    if kind == "audio":
+        window = audio_window(processor)
+        return media.load_audio(value, max_seconds=window + 1 if window else None)
+    return media.LOADERS[kind](value)
 
 
 def _check_targets(targets, items) -> list[str]:

@@ -40,7 +40,8 @@ MEDIA_SUFFIXES = media.IMAGE_EXTENSIONS + media.AUDIO_EXTENSIONS + media.VIDEO_E
 def load(name_or_path, adapter=None, device=None, dtype=None, **kwargs) -> "Embedder":
     """The embedding model in a folder train.py wrote (out/merged), a hub id or any supported backbone,
     optionally with a LoRA adapter folder (out/adapter on its base). device: cuda if available;
-    dtype: bf16 on CUDA, fp32 on a CPU. kwargs: batch_size, progress, max_text_tokens (Embedder)."""
+    dtype: bf16 on CUDA; on a CPU fp32, or bf16 for a bf16 checkpoint where bf16 is native
+    (backbone.load). kwargs: batch_size, progress, max_text_tokens (Embedder)."""
     return Embedder.from_pretrained(name_or_path, adapter=adapter, device=device, dtype=dtype, **kwargs)
 
 

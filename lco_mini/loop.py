@@ -29,6 +29,12 @@ def get_lr(step: int, peak: float, warmup: int, total: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def rate_text(rate: float) -> str:
+    """Items per second for a log line: one decimal from 10 on, else three significant digits
+    (a 3B model on a CPU trains ~0.05 pairs/s, which one decimal would print as 0.1 or 0.0)."""
+    return f"{rate:6.1f}" if rate >= 10 else f"{rate:6.3g}"
+
+
 def _wait_for_gpu() -> None:
     """CUDA runs asynchronously: without this a phase would end when its kernels were queued."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -116,7 +122,7 @@ class Run:
         if step % self.args.log_every == 0 or last_step:
             rate = (step + 1 - self.start) * self.items_per_step / max(1e-9, time.time() - self.t0)
             say(f"{self.name} step {step:5d} | loss {self.losses[-1]:.4f} | lr {lr:.2e} | "
-                f"{rate:6.1f} {self.unit}/s{self.log_extra}")
+                f"{rate_text(rate)} {self.unit}/s{self.log_extra}")
         if last_step:
             timed_steps = max(1, self.steps - self.start - 1)
             say(f"{self.name}: where a step's time went (mean of {timed_steps} steps): {self.timed.summary(timed_steps)}")

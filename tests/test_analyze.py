@@ -16,6 +16,7 @@ import analyze  # noqa: E402  (the script, imported for its main)
 from lco_mini import analysis, backbone
 from lco_mini.embedder import Embedder
 from lco_mini.tiny import tasks, world  # noqa: E402
+from conftest import run_here  # noqa: E402
 
 N = 9  # items per modality: small, odd, above k
 FAST = ["--n", str(N), "--k", "3", "--null", "3", "--batch-size", "8"]
@@ -120,8 +121,9 @@ def test_bad_input_is_one_line_without_traceback(tmp_path):
              (["anisotropy", "--model", not_a_model], "not a model folder (no config.json)"),
              (["alignment", "--model", tmp_path / "typo" / "merged"], "no such folder"),
              (["alignment", "--model", not_a_model.parent, "--k", "0"], "--k must be at least 1")]
-    for args, message in cases:
-        result = run_cli(*args)
+    for i, (args, message) in enumerate(cases):
+        # the first as a user runs it, a process; the others in this process, as a process would run them
+        result = run_cli(*args) if i == 0 else run_here("analyze.py", args)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 import analyze  # noqa: E402  (the script, imported for its main)
 import train as train_script  # noqa: E402
-from conftest import SMOKE_RUN, train  # noqa: E402
+from conftest import SMOKE_RUN, train_here  # noqa: E402
 from lco_mini import analysis, backbone, stages
 from lco_mini.embedder import Embedder
 from lco_mini.experiments import continual, evaluation
@@ -109,7 +109,7 @@ def test_continue_from_pretrains_a_base_further_and_never_writes_it(smoke_run, t
     before = digest(smoke_run / "base")
     mix = continual.continual_mix(json.loads((smoke_run / "run_config.json").read_text())["pretrain_mix"], 0.5)
     argv = continual.continual_argv(smoke_run / "base", tmp_path / "cont", mix, steps=3, lr=4e-4, seed=0, batch=8)
-    result = train(argv)
+    result = train_here(argv)
     assert result.returncode == 0, result.stderr[-3000:]
     assert digest(smoke_run / "base") == before  # the input is read, never written
     assert not (tmp_path / "cont" / "init").exists()  # no random init: it starts from the base
@@ -130,19 +130,20 @@ def test_continue_from_pretrains_a_base_further_and_never_writes_it(smoke_run, t
 
 
 def test_continue_from_bad_input_is_one_line(smoke_run, tmp_path, qwen2_vl_dir):
-    result = train([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(tmp_path / "nothing"),
-                    "--out", str(tmp_path / "a")])
+    result = train_here([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(tmp_path / "nothing"),
+                         "--out", str(tmp_path / "a")])
     assert result.returncode == 2 and "not a model folder" in result.stderr and "Traceback" not in result.stderr
-    result = train(["--model", str(qwen2_vl_dir), "--continue-from", str(smoke_run / "base"), "--out", str(tmp_path)])
+    result = train_here(["--model", str(qwen2_vl_dir), "--continue-from", str(smoke_run / "base"),
+                         "--out", str(tmp_path)])
     assert result.returncode == 2 and "--continue-from is for the tiny model" in result.stderr
     # its own output would replace the model it continues from: refused before anything is touched
-    result = train([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(smoke_run / "base"),
-                    "--out", str(smoke_run), "--overwrite"])
+    result = train_here([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(smoke_run / "base"),
+                         "--out", str(smoke_run), "--overwrite"])
     assert result.returncode == 2 and "--continue-from model" in result.stderr
     assert (smoke_run / "base" / "config.json").is_file()
     # --overwrite would delete every base-step*/ of --out, this input among them: refused too
-    result = train([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(smoke_run / "base-step4"),
-                    "--out", str(smoke_run), "--overwrite"])
+    result = train_here([*SMOKE_RUN, "--stage", "pretrain", "--continue-from", str(smoke_run / "base-step4"),
+                         "--out", str(smoke_run), "--overwrite"])
     assert result.returncode == 2 and "--continue-from model" in result.stderr
     assert (smoke_run / "base-step4" / "config.json").is_file() and (smoke_run / "base" / "config.json").is_file()
 

@@ -1,11 +1,12 @@
-"""embed.py, the command line, run as a user runs it: a subprocess against a tiny random model.
+"""embed.py, the command line, run as a user runs it against a tiny random model: its main(argv)
+in this process (conftest.run_here: exit code, stdout, stderr, as `python embed.py` gives them,
+without a new interpreter's seconds of importing torch + transformers), and once as a process,
+with a strict UTF-8 stdout.
 
 Good input: exit 0, one printed line per input with its modality and dimension,
 a similarity table naming every file and text, and saved vectors (.npy / .jsonl)
 that equal what `lco_mini.Embedder` computes in-process. Bad input: exit 2 and
-exactly one line on stderr naming the input. Each subprocess that embeds loads
-torch + transformers (seconds), so checks are combined into few runs; the error
-runs stop before importing torch and are fast.
+exactly one line on stderr naming the input.
 """
 import json
 import os
@@ -22,16 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import embed  # noqa: E402  (the script, imported for its in-process pieces)
+from conftest import run_here  # noqa: E402
 
 CORPUS = ["a red circle", "a blue square", "a high tone", "a low tone", "a moving dot"]
 TEXTS = ["a red circle", "a high tone"]
 
 
 def run_embed(*args, timeout=120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "embed.py", *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    """`python embed.py ARGS`, run in this process (conftest.run_here); timeout: unused there."""
+    return run_here("embed.py", args, env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 @pytest.fixture(scope="session")
@@ -218,10 +218,3 @@ def test_a_non_utf8_file_name_and_cut_audio_are_reported_not_a_traceback(model_d
     stdout = result.stdout.decode()
     assert "tone-\\udcff.wav" in stdout and "Traceback" not in result.stderr.decode(errors="replace")
     assert "7.0 s of audio; the model uses the first 5 s" in stdout
-
-
-def test_images_are_decoded_within_a_pixel_budget(tmp_path, monkeypatch):
-    Image.new("RGB", (400, 300), "red").save(tmp_path / "big.png")
-    monkeypatch.setattr(embed, "DECODE_MAX_PIXELS", 100 * 100)
-    (_, _, image), = embed.decode_inputs([str(tmp_path / "big.png")], [])
-    assert image.width * image.height <= 100 * 100 and image.width / image.height == pytest.approx(4 / 3, rel=0.05)

@@ -19,7 +19,7 @@ from lco_mini import analysis, backbone
 from lco_mini.embedder import Embedder
 from lco_mini.experiments import evaluation, ladder  # noqa: E402
 
-from conftest import SMOKE_RUN as SMOKE, train  # noqa: E402  (smoke_run: a run of 8 pretraining steps)
+from conftest import SMOKE_RUN as SMOKE, train_here  # noqa: E402  (smoke_run: a run of 8 pretraining steps)
 
 
 # ----------------------------------------------------------------------------- slow references
@@ -140,8 +140,8 @@ def test_snapshots_are_the_ladder_and_do_not_change_training(smoke_run, tmp_path
         changed = [k for k in earlier if not torch.equal(earlier[k], later[k])]
         assert len(changed) > len(earlier) / 2  # each rung is a different model (towers and LM trained)
     # the same pretraining without snapshots ends in the same base: saving them draws no randomness
-    result = train([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "8", "--stage", "pretrain",
-                    "--snapshot-steps", ""])
+    result = train_here([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "8", "--stage", "pretrain",
+                         "--snapshot-steps", ""])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not list(tmp_path.glob("base-step*"))
     plain = weights(tmp_path / "base")
@@ -149,28 +149,28 @@ def test_snapshots_are_the_ladder_and_do_not_change_training(smoke_run, tmp_path
 
 
 def test_overwrite_replaces_the_snapshots_of_an_earlier_run(smoke_run, tmp_path):
-    first = train([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "4", "--stage", "pretrain"])
+    first = train_here([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "4", "--stage", "pretrain"])
     assert first.returncode == 0, first.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.glob("base-step*")) == ["base-step1", "base-step2", "base-step3"]
-    again = train([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "6", "--stage", "pretrain",
-                   "--snapshot-steps", "5"])
+    again = train_here([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "6", "--stage", "pretrain",
+                        "--snapshot-steps", "5"])
     assert again.returncode == 2 and "--resume" in again.stderr  # never replaced silently
-    again = train([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "6", "--stage", "pretrain",
-                   "--snapshot-steps", "5", "--overwrite"])
+    again = train_here([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "6", "--stage", "pretrain",
+                        "--snapshot-steps", "5", "--overwrite"])
     assert again.returncode == 0 and "base-step1" in again.stdout  # named in what --overwrite replaces
     assert sorted(p.name for p in tmp_path.glob("base-step*")) == ["base-step5"]
 
 
 @pytest.mark.parametrize("value, message", [("5,x", "expected steps"), ("8", "between 1 and"), ("0", "between 1 and")])
 def test_bad_snapshot_steps_are_one_line(tmp_path, value, message):
-    result = train([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "8", "--snapshot-steps", value])
+    result = train_here([*SMOKE, "--out", str(tmp_path), "--pretrain-steps", "8", "--snapshot-steps", value])
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())
 
 
 def test_snapshots_are_for_the_tiny_model(qwen2_vl_dir, tmp_path):
-    result = train(["--model", str(qwen2_vl_dir), "--stage", "contrastive", "--out", str(tmp_path),
-                    "--snapshot-steps", "3"])
+    result = train_here(["--model", str(qwen2_vl_dir), "--stage", "contrastive", "--out", str(tmp_path),
+                         "--snapshot-steps", "3"])
     assert result.returncode == 2 and "tiny model" in result.stderr
 
 

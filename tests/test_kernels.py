@@ -313,8 +313,11 @@ if not TRITON_SESSION:
         assert TS.triton is not None, "the Triton tests need triton (see requirements.txt)"
         env = {**os.environ, "TRITON_INTERPRET": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
-        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-                                "-k", "triton"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        # --noconftest: these tests use none of conftest's model fixtures (its settings come in env), and
+        # importing it would cost the child seconds of transformers
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest",
+                                os.path.abspath(__file__), "-k", "triton"], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=600)
         summary = child.stdout.strip().splitlines()[-1] if child.stdout.strip() else ""
         assert child.returncode == 0, child.stdout[-6000:] + child.stderr[-3000:]
         passed = re.search(r"(\d+) passed", summary)

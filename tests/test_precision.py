@@ -14,6 +14,7 @@ from lco_mini import backbone, loop, losses
 from lco_mini.interop import export
 from lco_mini.support import precision
 from lco_mini.tiny import tasks  # noqa: E402
+from conftest import train_here  # noqa: E402
 from test_train import SMOKE, run_train  # noqa: E402
 
 ZEN4 = "processor : 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -87,7 +88,7 @@ def test_phase_timer_summary():
 def test_profile_steps_prints_the_phases_and_keeps_nothing(tmp_path):
     out, scratch = tmp_path / "run", tmp_path / "tmp"
     scratch.mkdir()
-    result = run_train([*SMOKE, "--profile-steps", "3", "--out", str(out)], env_extra={"TMPDIR": str(scratch)})
+    result = train_here([*SMOKE, "--profile-steps", "3", "--out", str(out)], env={"TMPDIR": str(scratch)})
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("pretrain", "contrastive"):
         line = next(l for l in result.stdout.splitlines() if l.startswith(f"{stage}: where a step's time went"))
@@ -99,13 +100,14 @@ def test_profile_steps_prints_the_phases_and_keeps_nothing(tmp_path):
 
 
 def test_profile_steps_refuses_resume(tmp_path):
-    result = run_train([*SMOKE, "--profile-steps", "3", "--resume", "--out", str(tmp_path)])
+    result = train_here([*SMOKE, "--profile-steps", "3", "--resume", "--out", str(tmp_path)])
     assert result.returncode == 2 and "cannot --resume" in result.stderr
 
 
 def test_the_run_config_records_the_precision_used(tmp_path):
     out = tmp_path / "run"
-    result = run_train([*SMOKE, "--stage", "pretrain", "--pretrain-steps", "2", "--precision", "bf16", "--out", str(out)])
+    result = train_here([*SMOKE, "--stage", "pretrain", "--pretrain-steps", "2", "--precision", "bf16",
+                         "--out", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((out / "run_config.json").read_text())["precision"] == "bf16"
     assert "precision bf16 (asked for)" in result.stdout
@@ -191,7 +193,7 @@ def test_resume_refuses_another_precision(tmp_path):
     """A resumed run must compute what the interrupted one did; "auto" is recorded as what it chose."""
     out = tmp_path / "run"
     args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "3", "--out", str(out)]
-    first = run_train([*args, "--precision", "bf16"])
+    first = train_here([*args, "--precision", "bf16"])
     assert first.returncode == 0, first.stderr[-3000:]
-    again = run_train([*args, "--precision", "fp32", "--resume"])
+    again = train_here([*args, "--precision", "fp32", "--resume"])
     assert again.returncode == 2 and "precision 'bf16' -> 'fp32'" in again.stderr, again.stderr[-2000:]

@@ -1,7 +1,7 @@
 """train.py never loses work: the output-folder rules of lco_mini/support/runs.py, --resume, and the
-up-front checks of numbers, models and data, each run as a user runs it (a subprocess on the
-smoke-size tiny model). A refused run exits 2 with one error line naming the input, and every
-folder it was given is byte-identical afterwards."""
+up-front checks of numbers, models and data, each run as a user runs it (train.py's cli on the
+smoke-size tiny model, in this process: conftest.run_here). A refused run exits 2 with one error
+line naming the input, and every folder it was given is byte-identical afterwards."""
 import hashlib
 import json
 import shutil
@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
 from lco_mini.support import checkpoint, runs  # noqa: E402
-from test_train import SMOKE, run_train  # noqa: E402
+from conftest import train_here  # noqa: E402
+from test_train import SMOKE  # noqa: E402
 
 PAIR = {"anchor": {"text": "a red circle"}, "positive": {"text": "a circle, red"}, "negative": {"text": "a blue one"}}
 
@@ -45,8 +46,8 @@ def refused_here(capsys, argv, *needles) -> str:
 def run_dir(tmp_path_factory):
     """A finished smoke run: pretraining (base/) and one contrastive step (adapter/, merged/)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "2", "--steps", "2", "--no-eval",
-                        "--ckpt-every", "1"])
+    result = train_here([*SMOKE, "--out", str(out), "--pretrain-steps", "2", "--steps", "2", "--no-eval",
+                         "--ckpt-every", "1"])
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 
@@ -61,8 +62,8 @@ def copy_of(run_dir, tmp_path):
 def test_overwrite_never_deletes_the_model_folder_inside_out(copy_of):
     out = copy_of()
     before = digest(out / "base")
-    result = run_train([*SMOKE, "--model", str(out / "base"), "--out", str(out), "--overwrite", "--steps", "1",
-                        "--no-eval"])
+    result = train_here([*SMOKE, "--model", str(out / "base"), "--out", str(out), "--overwrite", "--steps", "1",
+                         "--no-eval"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert digest(out / "base") == before and (out / "merged" / "config.json").is_file()
 
@@ -95,7 +96,7 @@ def test_resume_and_overwrite_are_exclusive(run_dir, capsys):
 def test_resume_says_what_it_continues_and_refuses_what_it_cannot(copy_of, tmp_path, capsys):
     out = copy_of()
     same = [*SMOKE, "--pretrain-steps", "2", "--steps", "2", "--no-eval", "--ckpt-every", "1", "--out", str(out)]
-    resumed = run_train([*same, "--resume"])
+    resumed = train_here([*same, "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resume: pretrain is complete" in resumed.stdout and "contrastive continues at step 2 of 2" in resumed.stdout
     refused_here(capsys, [*same[:-1], tmp_path / "typo", "--resume"], "typo does not exist", "nothing to resume")
@@ -145,8 +146,8 @@ def test_long_texts_are_cut_and_counted(run_dir, tmp_path):
     long = dict(PAIR, positive={"text": "a circle that is red " * 50})
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps(PAIR) + "\n" + json.dumps(long) + "\n")
-    result = run_train([*SMOKE, "--model", str(run_dir / "base"), "--stage", "contrastive", "--data", str(data),
-                        "--out", str(tmp_path / "o"), "--steps", "1", "--no-eval", "--max-text-tokens", "12"])
+    result = train_here([*SMOKE, "--model", str(run_dir / "base"), "--stage", "contrastive", "--data", str(data),
+                         "--out", str(tmp_path / "o"), "--steps", "1", "--no-eval", "--max-text-tokens", "12"])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "contrastive: 1 texts longer than --max-text-tokens 12 are cut to it" in result.stdout
 
@@ -224,8 +225,8 @@ def test_resume_after_pretraining_draws_what_an_uninterrupted_run_draws(run_dir,
     for name in ("adapter", "merged", "contrastive.ckpt.pt"):
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "2", "--steps", "2", "--no-eval",
-                        "--ckpt-every", "1", "--resume"])
+    result = train_here([*SMOKE, "--out", str(out), "--pretrain-steps", "2", "--steps", "2", "--no-eval",
+                         "--ckpt-every", "1", "--resume"])
     assert result.returncode == 0, result.stderr[-2000:]
     from safetensors.torch import load_file
     again, first = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, run_dir))

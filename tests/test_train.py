@@ -1,5 +1,7 @@
 """train.py end to end on the smoke-size tiny model: both stages, evaluation, outputs,
-resume after SIGKILL, data errors, NaN handling, and GradCache = full-batch loss."""
+resume after SIGKILL, data errors, NaN handling, and GradCache = full-batch loss. Runs go through
+conftest.train_here (train.py's cli in this process, as `python train.py` runs it); the process
+itself is started where it matters: killed mid-run, and torch's OpenMP setting before torch loads."""
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from lco_mini import backbone, lora, loop, losses
 from lco_mini.embedder import Embedder
 from lco_mini.experiments import evaluation
 from lco_mini.tiny import model as tiny, tasks  # noqa: E402
+from conftest import train_here  # noqa: E402
 
 SMOKE = ["--tiny-size", "smoke", "--pretrain-batch", "8", "--batch-size", "8", "--log-every", "1"]
 
@@ -32,8 +35,8 @@ def run_train(args, timeout=300, env_extra=None, **kwargs):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
-    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "6", "--steps", "4", "--eval-n", "12",
-                        "--ckpt-every", "3"])
+    result = train_here([*SMOKE, "--out", str(out), "--pretrain-steps", "6", "--steps", "4", "--eval-n", "12",
+                         "--ckpt-every", "3"])
     assert result.returncode == 0, result.stderr[-3000:]
     return out, result.stdout
 
@@ -81,7 +84,7 @@ def test_merged_equals_base_plus_adapter_also_in_peft(smoke_run):
 
 def test_existing_run_is_not_overwritten(smoke_run):
     out, _ = smoke_run
-    result = run_train([*SMOKE, "--out", str(out), "--pretrain-steps", "1", "--steps", "1"])
+    result = train_here([*SMOKE, "--out", str(out), "--pretrain-steps", "1", "--steps", "1"])
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
 
@@ -100,7 +103,7 @@ def test_contrastive_stage_alone_on_a_runs_base_gives_the_runs_adapter(smoke_run
         alone.mkdir()
         for file in files:
             (alone / file).symlink_to(out / file)
-        result = run_train([*SMOKE, "--stage", "contrastive", "--steps", "4", "--no-eval", "--out", str(alone)])
+        result = train_here([*SMOKE, "--stage", "contrastive", "--steps", "4", "--no-eval", "--out", str(alone)])
         assert result.returncode == 0, result.stderr[-3000:]
         assert ("random state from" in result.stdout) == (name == "with")
         adapters[name] = load_file(alone / "adapter" / "adapter_model.safetensors")
@@ -115,15 +118,15 @@ def test_bad_jsonl_is_reported_before_training(smoke_run, tmp_path):
     bad = tmp_path / "pairs.jsonl"
     good = {"anchor": {"text": "a"}, "positive": {"text": "b"}, "negative": {"text": "c"}}
     bad.write_text(json.dumps(good) + "\n{broken\n")
-    result = run_train(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(bad),
-                        "--out", str(tmp_path / "o"), "--steps", "1"])
+    result = train_here(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(bad),
+                         "--out", str(tmp_path / "o"), "--steps", "1"])
     assert result.returncode == 2
     assert "line 2: not valid JSON" in result.stderr and str(bad) in result.stderr
     assert "Traceback" not in result.stderr
     missing = tmp_path / "missing.jsonl"
     missing.write_text(json.dumps({"anchor": {"image_path": "nope.png"}, "positive": {"text": "b"}}) + "\n")
-    result = run_train(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(missing),
-                        "--out", str(tmp_path / "o2"), "--steps", "1", "--no-hard-negatives"])
+    result = train_here(["--model", str(out / "base"), "--stage", "contrastive", "--data", str(missing),
+                         "--out", str(tmp_path / "o2"), "--steps", "1", "--no-hard-negatives"])
     assert result.returncode == 2 and "line 1" in result.stderr and "nope.png" in result.stderr
 
 
@@ -137,11 +140,11 @@ def checkpoint_step(path: Path) -> int:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: the bf16 copy is rebuilt from the fp32 weights
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, precision):
     args = [*SMOKE, "--stage", "pretrain", "--pretrain-steps", "10", "--ckpt-every", "2", "--precision", precision]
-    full = run_train([*args, "--out", str(tmp_path / "full")])
+    full = train_here([*args, "--out", str(tmp_path / "full")])  # the uninterrupted run, in this process
     assert full.returncode == 0, full.stderr[-2000:]
     expected = torch.load(tmp_path / "full" / "pretrain.ckpt.pt", weights_only=False)["losses"]
 
-    out = tmp_path / "killed"
+    out = tmp_path / "killed"  # a process, to be killed
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -153,7 +156,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, precision):
     killed_at = checkpoint_step(out / "pretrain.ckpt.pt")
     assert 4 <= killed_at < 10, f"the run was not interrupted mid-training (checkpoint at step {killed_at})"
 
-    resumed = run_train([*args, "--out", str(out), "--resume"])
+    resumed = train_here([*args, "--out", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {out / 'pretrain.ckpt.pt'} at step" in resumed.stdout
     losses = torch.load(out / "pretrain.ckpt.pt", weights_only=False)["losses"]
@@ -269,12 +272,17 @@ def test_pretrain_mix_flag_sets_shares_and_rejects_bad_input(capsys):
 # How torch's OpenMP threads wait is read once, when torch loads libgomp: the scripts must set it
 # before anything imports torch, and must leave what the user set alone: a spin count, or a wait
 # policy (with OMP_WAIT_POLICY=PASSIVE and a spin count set too, libgomp would still spin).
+# The probe stops the script at its first import of torch and prints the setting there, which is
+# what libgomp reads: loading torch and the rest of the script's imports would add seconds, no check.
 SPIN_PROBE = """
 import builtins, os, runpy, sys
 real_import = builtins.__import__
 def guarded(name, *args, **kwargs):
     if name.split(".")[0] == "torch" and not {"GOMP_SPINCOUNT", "OMP_WAIT_POLICY"} & set(os.environ):
         sys.exit("torch was imported before GOMP_SPINCOUNT was set")
+    if name.split(".")[0] == "torch" and "torch" not in sys.modules:  # torch (and libgomp) would load now
+        print(os.environ.get("GOMP_SPINCOUNT", "unset"), flush=True)
+        os._exit(0)
     return real_import(name, *args, **kwargs)
 builtins.__import__ = guarded
 runpy.run_path(sys.argv[1], run_name="imported")

@@ -19,9 +19,7 @@ attribute. Text-only contrastive learning can only bring out what this already k
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -232,7 +230,9 @@ def format_attributes(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Held-out evaluation on the synthetic world (see the module docstring).")
+    from lco_mini.support.cli import Parser, fail
+
+    p = Parser(description="Held-out evaluation on the synthetic world (see the module docstring).")
     p.add_argument("model", help="a model folder written by train.py (out/base, out/merged) or any supported backbone")
     p.add_argument("--n", type=int, default=300, help="queries per task (default 300, as train.py; the captioning probe: use ~27)")
     p.add_argument("--seed", type=int, default=1234, help="which renderings of the combinations")
@@ -253,8 +253,7 @@ def main(argv=None) -> None:
     try:
         model, processor = backbone.load(args.model, device=args.device)
     except (OSError, ValueError) as error:
-        print(f"error: cannot load {args.model!r}: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(f"cannot load {args.model!r}: {' '.join(str(error).split())}")
     if args.data:
         from lco_mini.support import data
         try:
@@ -262,8 +261,7 @@ def main(argv=None) -> None:
             data.check_processor_takes(pairs, processor, args.data)
             results = evaluate_pairs(Embedder(model, processor, device=args.device), pairs)
         except (data.DataError, ValueError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(error))
         print(format_table({args.model: results}))
         for task, r in results.items():
             print(f"{task:<24} R@10 {100 * r['R@10']:5.1f}  MRR {r['MRR']:.3f}")

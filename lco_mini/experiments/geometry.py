@@ -85,8 +85,8 @@ def embed_groups(args, model: str, groups: dict) -> dict[str, dict[str, torch.Te
     path = cache_path(args, model)
     try:
         cached = checkpoint.load(path, keys=("groups", "skipped", "processor"))
-    except checkpoint.CheckpointError as error:  # cut short by a full disk, say: it is only a cache
-        print(f"{error}; computing it again")
+    except checkpoint.CheckpointError:  # cut short by a full disk, say: it is only a cache
+        print(f"note: {path}: an unreadable cache entry; computing it again")
         cached = None
     if cached is None:
         from lco_mini import backbone  # lazy: a cached rerun needs no model

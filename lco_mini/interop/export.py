@@ -39,6 +39,7 @@ from pathlib import Path
 from lco_mini import backbone
 from lco_mini.backbone import MEDIA, PROMPTS, input_kinds
 from lco_mini.support import cli
+from lco_mini.support.checkpoint import CheckpointError
 
 DIFFERENCES = ("sentence-transformers gives lco_mini's vectors except for texts over 650 tokens, images "
                "above the processor's pixel budget, videos of more than 16 frames and audio that is not a "
@@ -154,10 +155,17 @@ def save_model(model, processor, folder: Path) -> None:
     a folder that exists is complete."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    backbone.record_attention(tmp, model.config._attn_implementation)  # the tiny model's eager stays eager
-    write_sentence_transformers_files(tmp, model.config, processor)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        backbone.record_attention(tmp, model.config._attn_implementation)  # the tiny model's eager stays eager
+        write_sentence_transformers_files(tmp, model.config, processor)
+    except (OSError, RuntimeError) as e:  # a full disk: safetensors and json raise either
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the earlier {folder} is kept" if folder.exists() else "nothing was kept"
+        raise CheckpointError(f"could not write the model folder {folder}: "
+                              f"{getattr(e, 'strerror', None) or ' '.join(str(e).split())[:200]}; "
+                              f"the partial folder was removed, {kept}") from None
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

@@ -52,15 +52,29 @@ def restore_rng(path: str | Path, seed: int) -> bool:
 
 
 def save(obj: dict, path: str | Path) -> None:
-    """Write obj to path atomically (temp file + fsync + rename)."""
+    """Write obj to path atomically (temp file + fsync + rename). A write that fails (a full disk)
+    removes the partial file and raises CheckpointError: the last good checkpoint stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # ENOSPC, or torch's "enforce fail ... unexpected pos"
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(write_failure(path, e, path if path.exists() else None)) from None
     os.replace(tmp, path)
+
+
+def write_failure(path: Path, error: Exception, kept: Path | None) -> str:
+    """One line: what could not be written, why, and what is kept."""
+    reason = getattr(error, "strerror", None) or " ".join(str(error).split())[:200]
+    if "unexpected pos" in reason or "file write failed" in reason:  # how torch.save reports a full disk
+        reason = f"the write stopped: no space left on the device? ({reason})"
+    last = f"the last good checkpoint {kept} is kept" if kept else "no earlier checkpoint of this stage exists"
+    return f"could not write {path}: {reason}; the partial file was removed, {last}"
 
 
 KEYS = ("model", "optimizer", "rng", "step", "losses", "config")  # what train.py writes

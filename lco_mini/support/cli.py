@@ -4,6 +4,7 @@
   Parser               an ArgumentParser whose errors are such a line (not usage + error)
   number(...)          an argparse type for a bounded int or finite float
   spin_briefly()       how torch's idle OpenMP threads wait; must run before torch is imported
+  interrupted(...)     Ctrl-C: one line saying what was kept and how to go on, exit code 130
 
 Nothing here imports torch, so a script can check its options and inputs in a blink, before
 loading anything heavy.
@@ -14,7 +15,9 @@ import argparse
 import math
 import operator
 import os
+import shlex
 import sys
+from pathlib import Path
 
 
 def fail(message: str):
@@ -59,3 +62,18 @@ def spin_briefly() -> None:
     """
     if "OMP_WAIT_POLICY" not in os.environ:
         os.environ.setdefault("GOMP_SPINCOUNT", "3000")
+
+
+def interrupted(script: str, argv, out, resumable: bool = True):
+    """Ctrl-C: instead of a KeyboardInterrupt traceback, one line on stderr naming the newest
+    checkpoint in `out` and the command that continues from it; exit code 130 (128 + SIGINT)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    checkpoints = sorted(Path(out).glob("*.ckpt.pt"), key=lambda p: p.stat().st_mtime) if resumable else []
+    if checkpoints:
+        again = [a for a in argv if a not in ("--overwrite", "--resume")] + ["--resume"]
+        print(f"interrupted: the last checkpoint is {checkpoints[-1]}; continue with: "
+              f"python {script} {shlex.join(again)}", file=sys.stderr)
+    else:
+        print(f"interrupted: no checkpoint was written yet; run `python {script} {shlex.join(argv)}` again",
+              file=sys.stderr)
+    sys.exit(130)

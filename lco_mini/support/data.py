@@ -88,6 +88,8 @@ def parse_line(text: str, line: int, base_dir: Path, decode: bool) -> Pair:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:  # json's parser recurses once per nesting level
+        raise DataError(f"{where}: nested too deeply to be a record (anchor/positive[/negative] objects)") from None
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with anchor/positive[/negative]")
     for side in REQUIRED_SIDES:

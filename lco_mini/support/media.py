@@ -69,6 +69,7 @@ def modality_of(path) -> str:
         raise MediaError(path, "no such file or directory")
     if path.is_dir():
         return "video"  # a folder of frames; load_video checks that it holds any
+    _check_regular(path)
     suffix = path.suffix.lower()
     if suffix in ANIMATABLE_EXTENSIONS:
         with _open_image(path) as img:  # reads only the header (and, for GIF, scans the frames)
@@ -79,6 +80,21 @@ def modality_of(path) -> str:
     supported = " ".join(IMAGE_EXTENSIONS + AUDIO_EXTENSIONS + VIDEO_EXTENSIONS)
     kind = suffix or "(no extension)"
     raise MediaError(path, f"unsupported file type {kind!r}; supported: {supported} or a folder of frames")
+
+
+def probe(path) -> str:
+    """The modality of a file or folder of frames, checked from its header alone (no pixels or
+    samples are decoded): what a command line checks for every input before loading a model."""
+    modality = modality_of(path)
+    path = Path(path)
+    if modality == "image":
+        with _open_image(path) as img:
+            _check_aspect(img.size, path)
+    elif modality == "audio":
+        audio_seconds(path)
+    elif path.is_dir():
+        _frame_files(path)
+    return modality
 
 
 # Texts are cut to this many tokens (the official code truncates training text at 650), the same
@@ -93,6 +109,14 @@ def _check_file(path: Path, what: str) -> None:
         raise MediaError(path, "no such file or directory")
     if path.is_dir():
         raise MediaError(path, f"is a directory, not {what}")
+    _check_regular(path)
+
+
+def _check_regular(path: Path) -> None:
+    """A FIFO, a socket or a device would block a read forever, or cannot be read twice (a pipe:
+    the header check reads it once): only regular files (and folders of frames) are inputs."""
+    if not path.is_file():
+        raise MediaError(path, "not a regular file (a pipe, socket or device); save it to a file first")
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -197,8 +221,9 @@ def _normalise_image(img: Image.Image, source, max_pixels, min_pixels) -> Image.
 
 # ----------------------------------------------------------------------------- audio
 
-def load_audio(path_or_array, sampling_rate: int = 16000) -> np.ndarray:
-    """Float32 mono samples in [-1, 1] at `sampling_rate` Hz.
+def load_audio(path_or_array, sampling_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """Float32 mono samples in [-1, 1] at `sampling_rate` Hz; of a file, at most its first
+    `max_seconds` (only those frames are read: a two-hour recording costs what its window costs).
 
     A numpy array is taken as already at `sampling_rate`. A 2-D array holds
     channels on its shorter axis: (samples, channels), as soundfile returns, or
@@ -214,7 +239,9 @@ def load_audio(path_or_array, sampling_rate: int = 16000) -> np.ndarray:
         _check_file(source, "an audio file")
         try:
             with open(source, "rb") as f:  # a file object: libsndfile cannot open a non-UTF-8 file name
-                samples, rate = soundfile.read(f, dtype="float32", always_2d=True)  # (frames, channels)
+                with soundfile.SoundFile(f) as sound:
+                    frames = -1 if max_seconds is None else int(np.ceil(max_seconds * sound.samplerate))
+                    samples, rate = sound.read(frames, dtype="float32", always_2d=True), sound.samplerate
         except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
             raise MediaError(source, f"not a readable audio file ({e})") from None
         samples = samples.mean(axis=1)  # mono: the average of the channels
@@ -231,6 +258,17 @@ def load_audio(path_or_array, sampling_rate: int = 16000) -> np.ndarray:
         samples = torchaudio.functional.resample(torch.from_numpy(samples), rate, sampling_rate).numpy()
     # The resampling filter can overshoot a full-scale signal by a hair: clip that back.
     return np.clip(samples, -1.0, 1.0).astype(np.float32)
+
+
+def audio_seconds(path) -> float:
+    """The length of an audio file, from its header alone."""
+    source = Path(path)
+    _check_file(source, "an audio file")
+    try:
+        with open(source, "rb") as f:
+            return soundfile.info(f).duration
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise MediaError(source, f"not a readable audio file ({e})") from None
 
 
 def _array_to_float(array: np.ndarray) -> np.ndarray:

@@ -9,8 +9,11 @@ That pays only where bf16 matmuls are native:
 Elsewhere bf16 is emulated and slower than fp32, so "auto" picks fp32 there. `--precision fp32`
 turns autocast off; the tests run in fp32 (LCO_MINI_PRECISION=fp32, set by tests/conftest.py).
 On CUDA the frozen base of the contrastive stages, a real backbone's weights and the models the
-evaluation loads are bf16 whatever --precision says (backbone.load's default there); on a CPU
-they are fp32.
+evaluation loads are bf16 whatever --precision says (backbone.load's default there). On a CPU they
+are bf16 when the run computes in bf16 and the checkpoint is stored in bf16, as every hub MLLM is
+(load_dtype): a 3B model then holds ~7-9 GB instead of the ~15-19 GB of an fp32 copy, and autocast
+would round each fp32 weight to bf16 at every matmul anyway. The tiny model is stored in fp32 and
+stays fp32, as everything does under --precision fp32.
 
 Training every weight (the tiny model's pretraining from scratch) goes one step further: the
 steps run on a bf16 copy of the model (Bf16Copy), whose gradients are handed to the fp32 model
@@ -62,6 +65,16 @@ def choose(requested: str, device: torch.device, cpuinfo: str | None = None,
     if flag:
         return "bf16", f"this CPU has {flag.upper().replace('_', '-')}"
     return "fp32", f"no native bf16 on this {device.type}"
+
+
+def load_dtype(device: torch.device, precision_used: str, stored_dtype) -> torch.dtype:
+    """The dtype backbone.load gives a model when none is asked for: bf16 on CUDA; on a CPU, bf16 when
+    precision_used is "bf16" and the checkpoint is stored in bf16 (stored_dtype: its config's dtype),
+    else fp32 (see the module docstring)."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    stored_bf16 = str(stored_dtype).removeprefix("torch.") == "bfloat16"
+    return torch.bfloat16 if precision_used == "bf16" and stored_bf16 else torch.float32
 
 
 def autocast(device: torch.device, precision: str):

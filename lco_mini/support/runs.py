@@ -14,6 +14,7 @@ Three rules keep a user's work safe, all checked before anything is deleted or w
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -232,9 +233,8 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | N
             raise RunError(" ".join(str(e).split())) from None
     elif "pretrain" not in stages and not (out / "base").is_dir():
         raise RunError(f"{out / 'base'} does not exist: run `python train.py --stage pretrain` first")
-    if args.continue_from and "pretrain" in stages and not (Path(args.continue_from) / "config.json").is_file():
-        raise RunError(f"--continue-from {args.continue_from}: not a model folder (no config.json); "
-                       f"pass a tiny model train.py wrote, such as out/base")
+    if args.continue_from and "pretrain" in stages:
+        check_continue_from(Path(args.continue_from))
     pairs = read_pairs(args.data, args, "contrastive") if args.data and "contrastive" in stages else None
     pretrain_pairs = None
     if args.pretrain_data and "pretrain" in stages and args.model != "tiny":
@@ -272,6 +272,21 @@ def check_run(args, out: Path) -> tuple[list, list | None, list | None, list | N
     if args.resume:
         say(resume_plan(args, out))
     return replaced, pairs, pretrain_pairs, eval_pairs
+
+
+def check_continue_from(folder: Path) -> None:
+    """--continue-from pretrains a tiny model further on the world, whose sounds only an omni model
+    hears: a VL or text-only model, or no model at all, is refused before anything is written."""
+    hint = "pass a tiny model train.py wrote, such as out/base"
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except FileNotFoundError:
+        raise RunError(f"--continue-from {folder}: not a model folder (no config.json); {hint}") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise RunError(f"--continue-from {folder}: its config.json cannot be read ({e}); {hint}") from None
+    if model_type not in ("qwen2_5_omni_thinker", "qwen2_5_omni"):
+        raise RunError(f"--continue-from {folder}: a {model_type!r} model; continual pretraining on the "
+                       f"world needs a Qwen2.5-Omni thinker (its sounds need the audio tower): {hint}")
 
 
 def check_pretrain_steps(args, pairs: list) -> None:
