@@ -7,6 +7,9 @@ Qwen2.5-Omni thinker on a CPU), checked here at tiny size:
   * Qwen2.5-Omni's processor padded every clip to its whole window (300 s) before the mel
     transform: 0.6 s of CPU per 2.5 s clip; build_inputs pads to the batch's longest clip, with the
     same features on every real frame;
+  * the generative loss ran lm_head on a strided [B, K, D] bf16 slice, which matmul takes through
+    expand + bmm: a copy of the 151,936 x 2048 weight per sequence, +5 GB at batch 8 (3B); it now
+    runs on one [B * K, D] matrix, with the same numbers;
   * continual pretraining of a real backbone kept every activation of the whole --pretrain-batch:
     19.6 GB for one step of 8 image-caption sequences on the 3B VL model; it now checkpoints
     activations (recomputed in the backward pass), as contrastive learning does on CUDA;
@@ -26,6 +29,7 @@ from PIL import Image
 
 from lco_mini import backbone, lora, losses, loop, stages
 from lco_mini.support import precision
+from lco_mini.tiny import tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -152,3 +156,28 @@ def test_continual_pretraining_of_a_real_backbone_checkpoints_activations(qwen2_
     train.cli(["--model", str(qwen2_5_vl_dir), "--stage", "pretrain", "--pretrain-data", str(docs),
                "--pretrain-steps", "1", "--pretrain-batch", "2", "--lora-r", "2", "--out", str(tmp_path / "out")])
     assert len(calls) == 1 and (tmp_path / "out" / "base" / "config.json").is_file()
+
+
+def test_lm_head_runs_on_one_matrix_with_the_numbers_of_the_batched_slice(omni_dir):
+    model, processor = backbone.load(omni_dir, device="cpu", dtype=torch.bfloat16)  # bf16 hidden states
+    cpu, examples = torch.device("cpu"), tasks.world_caption_examples(6, 3)
+    shapes = []
+    model.lm_head.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    loss = losses.generative_loss(model, losses.generative_inputs(processor, examples), cpu)
+    loss.backward()
+    grads = [p.grad.clone() for p in (model.lm_head.weight, model.get_input_embeddings().weight)]
+    model.zero_grad(set_to_none=True)
+    inputs = losses.generative_inputs(processor, examples)
+    labels = inputs["labels"]  # the loss as it was: lm_head on the [B, K, D] slice
+    answer = int((labels != -100).sum(dim=1).max())
+    decoder_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    decoder_inputs["input_features"] = decoder_inputs["input_features"].to(torch.bfloat16)
+    hidden = backbone.multimodal_decoder(model)(**decoder_inputs, use_cache=False).last_hidden_state
+    logits = model.lm_head(hidden[:, -answer - 1:-1])
+    reference = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels[:, -answer:].flatten(),
+                                                  ignore_index=-100)
+    reference.backward()
+    assert len(shapes[0]) == 2 and shapes[1] == (len(labels), answer, hidden.shape[-1])
+    assert torch.equal(loss, reference)
+    for ours, theirs in zip(grads, (model.lm_head.weight.grad, model.get_input_embeddings().weight.grad)):
+        assert torch.equal(ours, theirs)
