@@ -103,16 +103,17 @@ def _default_device_dtype(device, dtype, stored_dtype=None, precision_used=None)
     return device, dtype
 
 
-def _video_kwargs(processor) -> dict:
-    """Qwen2.5-Omni's processor pins video frames to 128..768 tokens of 28 x 28 pixels (the real
+def saved_video_size(processor) -> dict | None:
+    """The frame size the checkpoint saved, where it must be passed to the processor; else None.
+
+    Qwen2.5-Omni's processor pins video frames to 128..768 tokens of 28 x 28 pixels (the real
     model's patch 14 x merge 2), overriding the size its video processor saved. For a checkpoint
     on another grid (the tiny model: patch 8 x merge 2) that unit is wrong and would blow 64 x 64
-    frames up to 320 x 320 (800 tokens for 4 frames), so pass the frame size the checkpoint saved."""
-    video = processor.video_processor
-    if video.patch_size * video.merge_size == 28:
-        return {}
-    return {"videos_kwargs": {"size": {"shortest_edge": video.size["shortest_edge"],
-                                       "longest_edge": video.size["longest_edge"]}}}
+    frames up to 320 x 320 (800 tokens for 4 frames), so the saved size is passed instead."""
+    video = getattr(processor, "video_processor", None)
+    if video is None or video.patch_size * video.merge_size == 28:
+        return None
+    return {"shortest_edge": video.size["shortest_edge"], "longest_edge": video.size["longest_edge"]}
 
 
 def _audio_kwargs(processor, clips: list) -> dict:
@@ -300,7 +301,9 @@ def build_inputs(processor, items: list[dict], targets: list[str] | None = None,
     kwargs = {"images": media_lists["image"], "videos": media_lists["video"], "audio": media_lists["audio"]}
     kwargs = {name: value for name, value in kwargs.items() if value}  # processors reject empty lists
     if media_lists["video"]:
-        kwargs.update(_video_kwargs(processor))
+        size = saved_video_size(processor)
+        if size is not None:
+            kwargs["videos_kwargs"] = {"size": size}
     if media_lists["audio"]:
         kwargs.update(_audio_kwargs(processor, media_lists["audio"]))
     batch = processor(text=texts, padding=True, return_tensors="pt", **kwargs)

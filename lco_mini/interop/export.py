@@ -100,14 +100,6 @@ def _base_template(processor) -> str:
     return template
 
 
-def _video_size(processor) -> dict | None:
-    """The saved frame size, for a checkpoint whose vision grid is not 28 px (see backbone._video_kwargs)."""
-    video = getattr(processor, "video_processor", None)
-    if video is None or video.patch_size * video.merge_size == 28:
-        return None
-    return {"shortest_edge": video.size["shortest_edge"], "longest_edge": video.size["longest_edge"]}
-
-
 def sentence_transformers_files(model_config, processor) -> dict[str, object]:
     """file name -> JSON content of every sentence-transformers file, for a model and its processor."""
     forward = {"method": "forward", "method_output_name": "last_hidden_state"}
@@ -115,7 +107,7 @@ def sentence_transformers_files(model_config, processor) -> dict[str, object]:
     modality_config["message"] = {**forward, "format": "structured"}
     processing_kwargs = {"text": {"padding_side": "left"},
                          "chat_template": {"chat_template": lco_prelude() + _base_template(processor)}}
-    if (size := _video_size(processor)) is not None:
+    if (size := backbone.saved_video_size(processor)) is not None:
         processing_kwargs["video"] = {"size": size}
     module = "sentence_transformers.{}.modules.{}"
     return {
