@@ -333,9 +333,6 @@ def check_out(out: Path) -> None:
     say nothing for root, or on a read-only file system)."""
     if out.exists() and not out.is_dir():
         fail(f"--out {out}: is a file, not a folder")
-    existing = next((p for p in [out, *out.parents] if p.exists()), Path("."))
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        fail(f"--out {out}: cannot write in {existing}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / ".write-test", "w"):
